@@ -1,0 +1,92 @@
+"""The Flask face: `create_app(config=None)` wires settings, store, agents and blueprints."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import Flask
+
+from app.config import load_settings
+from app.context import AgentOS
+from app.errors import register_error_handlers
+from app.runtime.agent import Agent, load_agents
+from app.runtime.executor import RunExecutor
+from app.runtime.service import RunService, Settings
+from statemachine.store import RunStore
+
+__all__ = ["create_app"]
+
+
+class _TrailingSlashTolerant:
+    """WSGI middleware: `/continue/` is served as `/continue` (the contract tolerates both)."""
+
+    def __init__(self, wsgi_app: Any) -> None:
+        self.wsgi_app = wsgi_app
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        path = environ.get("PATH_INFO", "")
+        if len(path) > 1 and path.endswith("/"):
+            environ["PATH_INFO"] = path.rstrip("/") or "/"
+        return self.wsgi_app(environ, start_response)
+
+
+def build_store(settings: dict[str, Any]) -> RunStore:
+    """Redis when `REDIS_URL` is set (multi-host), else the embedded SQLite file."""
+    timeout = settings["STORE_TIMEOUT_SECONDS"]
+    if settings["REDIS_URL"]:
+        from statemachine.redis_store import RedisRunStore
+
+        return RedisRunStore(settings["REDIS_URL"], prefix=settings["REDIS_KEY_PREFIX"],
+                             socket_timeout=timeout)
+    from statemachine.sqlite_store import SqliteRunStore
+
+    return SqliteRunStore(settings["AGENTOS_DB"], busy_timeout=timeout)
+
+
+def _agents(settings: dict[str, Any], config: dict[str, Any]) -> dict[str, Agent]:
+    given = config.get("AGENTS")
+    if given is not None:
+        return {agent.id: agent for agent in given}
+    return load_agents(settings["AGENTOS_AGENTS"])
+
+
+def create_app(config: dict[str, Any] | None = None) -> Flask:
+    """Defaults, then the environment, then `config` (tests pass STORE or AGENTS objects)."""
+    config = dict(config or {})
+    settings = load_settings({k: v for k, v in config.items() if k not in ("STORE", "AGENTS")})
+    app = Flask(__name__)
+    app.config["AGENTOS"] = settings
+    app.config["MAX_CONTENT_LENGTH"] = settings["MAX_CONTENT_LENGTH"]
+    app.json.sort_keys = False
+    store = config.get("STORE") or build_store(settings)
+    agents = _agents(settings, config)
+    service_box: list[RunService] = []
+    executor = RunExecutor(store, max_runs=settings["MAX_RUNS_PER_PROCESS"],
+                           lease_seconds=settings["RUN_LEASE_SECONDS"],
+                           sweep=lambda: service_box[0].sweep(),
+                           sweep_interval=settings["SWEEP_INTERVAL_SECONDS"])
+    service = RunService(store, agents, Settings(
+        lease_seconds=settings["RUN_LEASE_SECONDS"],
+        pause_ttl_seconds=settings["PAUSE_TTL_SECONDS"],
+        retain_seconds=settings["RUN_RETENTION_SECONDS"]), executor)
+    service_box.append(service)
+    app.extensions["agentos"] = AgentOS(settings, store, agents, service, executor,
+                                        datetime.now(UTC).isoformat())
+    _register(app)
+    app.wsgi_app = _TrailingSlashTolerant(app.wsgi_app)  # type: ignore[method-assign]
+    logging.getLogger("app").setLevel(logging.INFO)
+    return app
+
+
+def _register(app: Flask) -> None:
+    from app.views import approvals, meta, runs
+
+    for blueprint in (meta.bp, runs.bp, approvals.bp):
+        app.register_blueprint(blueprint)
+    register_error_handlers(app)
+
+    @app.before_request
+    def _start_background() -> None:
+        app.extensions["agentos"].executor.ensure_background()

@@ -1,0 +1,81 @@
+"""Settings: defaults, then the environment, then the caller's overrides (tests).
+
+One table; the README's configuration section documents every row.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+DEFAULTS: dict[str, Any] = {
+    "HOST": "127.0.0.1",
+    "PORT": 7777,
+    "REDIS_URL": None,
+    "REDIS_KEY_PREFIX": "agentos",
+    "AGENTOS_DB": "agentos.db",
+    "STORE_TIMEOUT_SECONDS": 5.0,
+    "OS_SECURITY_KEY": None,
+    "OS_ADMIN_KEY": None,
+    "JWT_VERIFICATION_KEY": None,
+    "JWT_ALGORITHM": "RS256",
+    "AGENTOS_AGENTS": "app.runtime.demo:demo_agents",
+    "AGENTOS_ID": "agentos",
+    "RUN_LEASE_SECONDS": 30.0,
+    "PAUSE_TTL_SECONDS": None,
+    "RUN_RETENTION_SECONDS": 7 * 24 * 3600,
+    "SWEEP_INTERVAL_SECONDS": 2.0,
+    "MAX_RUNS_PER_PROCESS": 64,
+    "STREAM_MAX_SECONDS": 3600.0,
+    "STREAM_PING_SECONDS": 15.0,
+    "IDEMPOTENCY_TTL_SECONDS": 24 * 3600,
+    "MAX_CONTENT_LENGTH": 1024 * 1024,
+}
+
+_CASTS: dict[str, Any] = {
+    "PORT": int,
+    "STORE_TIMEOUT_SECONDS": float,
+    "RUN_LEASE_SECONDS": float,
+    "PAUSE_TTL_SECONDS": float,
+    "RUN_RETENTION_SECONDS": int,
+    "SWEEP_INTERVAL_SECONDS": float,
+    "MAX_RUNS_PER_PROCESS": int,
+    "STREAM_MAX_SECONDS": float,
+    "STREAM_PING_SECONDS": float,
+    "IDEMPOTENCY_TTL_SECONDS": int,
+    "MAX_CONTENT_LENGTH": int,
+}
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the server refuses to start rather than guess."""
+
+
+def _cast(name: str, value: Any) -> Any:
+    if value in (None, ""):
+        return DEFAULTS[name] if value is None else None
+    cast = _CASTS.get(name)
+    if cast is None or not isinstance(value, str):
+        return value
+    try:
+        return cast(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a {cast.__name__}, not {value!r}") from None
+
+
+def load_settings(overrides: Mapping[str, Any] | None = None,
+                  environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Defaults, then the environment, then `overrides`, each cast and checked."""
+    environ = os.environ if environ is None else environ
+    settings = dict(DEFAULTS)
+    for name in DEFAULTS:
+        if name in environ:
+            settings[name] = _cast(name, environ[name])
+    for name, value in (overrides or {}).items():
+        settings[name] = _cast(name, value) if name in DEFAULTS else value
+    if settings["RUN_LEASE_SECONDS"] <= 0:
+        raise ConfigError("RUN_LEASE_SECONDS must be positive")
+    if settings["JWT_ALGORITHM"] not in ("RS256", "HS256"):
+        raise ConfigError("JWT_ALGORITHM must be RS256 or HS256")
+    return settings

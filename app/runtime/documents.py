@@ -1,0 +1,146 @@
+"""The JSON shapes of a run: tool objects, messages, events, approvals, the pause sentence.
+
+Pure functions over dicts, so the loop, the service and the views agree on every key.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from app.runtime.tools import CONFIRMATION, EXTERNAL_EXECUTION, USER_INPUT, Tool
+
+REJECTED_BY_USER = "Function call was rejected by the user"
+REJECTED_BY_ADMIN = "Rejected by an admin"
+
+WAITING_FLAGS = {
+    CONFIRMATION: "requires_confirmation",
+    USER_INPUT: "requires_user_input",
+    EXTERNAL_EXECUTION: "external_execution_required",
+}
+
+_PAUSE_SENTENCES = {
+    frozenset({CONFIRMATION}): "I need confirmation.",
+    frozenset({USER_INPUT}): "I need user input.",
+    frozenset({EXTERNAL_EXECUTION}): "it needs external execution.",
+    frozenset({CONFIRMATION, USER_INPUT}): "I need confirmation or user input.",
+    frozenset({CONFIRMATION, EXTERNAL_EXECUTION}): "I need confirmation or external execution.",
+    frozenset({USER_INPUT, EXTERNAL_EXECUTION}): "I need user input or external execution.",
+    frozenset({CONFIRMATION, USER_INPUT, EXTERNAL_EXECUTION}):
+        "I need confirmation, user input or external execution.",
+}
+
+
+def epoch() -> int:
+    return int(time.time())
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def tool_object(call_id: str, name: str, args: dict[str, Any], tool: Tool | None) -> dict:
+    """A fresh ToolExecution with every key present; a pausing tool's flag is set true."""
+    kind = tool.pause_kind if tool else None
+    obj: dict[str, Any] = {
+        "tool_call_id": call_id,
+        "tool_name": name,
+        "tool_args": dict(args),
+        "tool_call_error": None,
+        "result": None,
+        "metrics": None,
+        "child_run_id": None,
+        "stop_after_tool_call": False,
+        "created_at": epoch(),
+        "requires_confirmation": None,
+        "confirmed": None,
+        "confirmation_note": None,
+        "requires_user_input": None,
+        "user_input_schema": None,
+        "user_feedback_schema": None,
+        "answered": None,
+        "external_execution_required": None,
+        "external_execution_silent": None,
+        "approval_type": None,
+        "approval_id": None,
+    }
+    if kind is not None:
+        obj[WAITING_FLAGS[kind]] = True
+    if kind == USER_INPUT and tool is not None:
+        obj["user_input_schema"] = tool.user_input_schema(args)
+    if tool is not None and tool.requires_approval:
+        obj["approval_type"] = "required"
+        obj["approval_id"] = new_id()
+    return obj
+
+
+def waiting_kind(obj: dict[str, Any]) -> str | None:
+    """The pause kind this call is waiting on, or None once resolved (or never paused)."""
+    return next((kind for kind, flag in WAITING_FLAGS.items() if obj.get(flag) is True), None)
+
+
+def waiting_calls(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [obj for obj in tools if waiting_kind(obj) is not None]
+
+
+def pause_content(tools: list[dict[str, Any]]) -> str:
+    """The paused run's `content`, naming every kind paused now."""
+    kinds = frozenset(k for k in map(waiting_kind, tools) if k is not None)
+    return f"I have tools to execute, but {_PAUSE_SENTENCES[kinds]}"
+
+
+def message(role: str, content: Any, **extra: Any) -> dict[str, Any]:
+    return {"role": role, "content": content, **extra, "created_at": epoch()}
+
+
+def tool_message(obj: dict[str, Any], content: str, error: bool) -> dict[str, Any]:
+    return message("tool", content, tool_call_id=obj["tool_call_id"],
+                   tool_name=obj["tool_name"], tool_call_error=error)
+
+
+def approval_doc(run: dict[str, Any], obj: dict[str, Any], pause_type: str) -> dict[str, Any]:
+    """The static part of an approval, stored in the same commit that pauses the run."""
+    now = epoch()
+    return {
+        "id": obj["approval_id"],
+        "run_id": run["run_id"],
+        "session_id": run["session_id"],
+        "agent_id": run["agent_id"],
+        "user_id": run.get("user_id"),
+        "approval_type": "required",
+        "pause_type": pause_type,
+        "tool_name": obj["tool_name"],
+        "tool_args": obj["tool_args"],
+        "tool_call_id": obj["tool_call_id"],
+        "created_at": now,
+    }
+
+
+def event(run: dict[str, Any], name: str, **fields: Any) -> dict[str, Any]:
+    """An event payload with the keys every event carries."""
+    return compact({
+        "created_at": epoch(),
+        "event": name,
+        "agent_id": run["agent_id"],
+        "agent_name": run["agent_name"],
+        "run_id": run["run_id"],
+        "session_id": run["session_id"],
+        **fields,
+    })
+
+
+def is_tool_object(value: Any) -> bool:
+    return isinstance(value, dict) and "tool_call_id" in value and "tool_args" in value
+
+
+def compact(value: Any) -> Any:
+    """Drop null-valued keys, except inside tool objects, where every key is always present."""
+    if is_tool_object(value):
+        return {k: v for k, v in value.items() if not k.startswith("_")}
+    if isinstance(value, dict):
+        return {k: compact(v) for k, v in value.items() if v is not None and
+                not k.startswith("_")}
+    if isinstance(value, list):
+        return [compact(item) for item in value]
+    return value

@@ -1,0 +1,127 @@
+"""Runs agent loops off the request thread, renews their leases, and sweeps runs others lost.
+
+One RunExecutor per process. A run keeps executing when its client disconnects because the
+request only follows the store's event log; the loop itself runs here. A background thread
+renews the leases of the runs this process executes and, at a slower pace, calls the sweep
+(lapsed leases of dead workers, expired pauses, retention), so no separate daemon is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from statemachine.errors import StoreUnavailable
+from statemachine.store import RunStore
+
+log = logging.getLogger(__name__)
+
+
+class ExecutorBusy(Exception):
+    """Every execution slot of this process is taken (HTTP 503, retry later)."""
+
+
+def new_owner_id() -> str:
+    """Identifies this process as a lease holder, across hosts."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class RunExecutor:
+    """A bounded pool of run loops plus the lease-renewal and sweep thread."""
+
+    def __init__(
+        self,
+        store: RunStore,
+        *,
+        max_runs: int,
+        lease_seconds: float,
+        sweep: Callable[[], None],
+        sweep_interval: float,
+    ) -> None:
+        self.store = store
+        self.owner = new_owner_id()
+        self.lease_seconds = lease_seconds
+        self._sweep = sweep
+        self._sweep_interval = sweep_interval
+        self._slots = threading.BoundedSemaphore(max_runs)
+        self._pool = ThreadPoolExecutor(max_workers=max_runs, thread_name_prefix="run")
+        self._active: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+
+    def reserve(self) -> None:
+        """Take an execution slot before committing a run to execute here."""
+        if not self._slots.acquire(blocking=False):
+            raise ExecutorBusy()
+
+    def release(self) -> None:
+        """Give back a slot reserved for a commit that did not happen."""
+        self._slots.release()
+
+    def submit(self, run_id: str, work: Callable[[], None]) -> None:
+        """Run `work` for `run_id` in a reserved slot, renewing its lease meanwhile."""
+        self.ensure_background()
+        with self._lock:
+            self._active.add(run_id)
+        self._pool.submit(self._run, run_id, work)
+
+    def _run(self, run_id: str, work: Callable[[], None]) -> None:
+        try:
+            work()
+        except Exception:
+            log.exception("run %s: execution ended with an unexpected error", run_id)
+        finally:
+            with self._lock:
+                self._active.discard(run_id)
+            self._slots.release()
+
+    def active(self) -> list[str]:
+        with self._lock:
+            return sorted(self._active)
+
+    def ensure_background(self) -> None:
+        """Start the renewal/sweep thread in this process (again after a fork)."""
+        if self._thread is not None and self._thread.is_alive() and self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._background, daemon=True,
+                                                name="lease-and-sweep")
+                self._thread.start()
+
+    def _background(self) -> None:
+        renew_every = max(0.2, self.lease_seconds / 3)
+        next_sweep = 0.0
+        while not self._stop.wait(min(renew_every, self._sweep_interval)):
+            self._renew()
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + self._sweep_interval
+                self._safely(self._sweep)
+
+    def _renew(self) -> None:
+        ids = self.active()
+        if ids:
+            until = time.time() + self.lease_seconds
+            self._safely(lambda: self.store.renew_leases(self.owner, ids, until))
+
+    @staticmethod
+    def _safely(step: Callable[[], None]) -> None:
+        try:
+            step()
+        except StoreUnavailable as exc:
+            log.warning("background step skipped, store unavailable: %s", exc)
+        except Exception:
+            log.exception("background step failed")
+
+    def shutdown(self, wait: bool = True) -> None:
+        self._stop.set()
+        self._pool.shutdown(wait=wait)

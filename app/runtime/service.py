@@ -1,0 +1,290 @@
+"""The operations on runs: each loads, asks the machine, and commits through the store.
+
+Views call exactly one of these. Every refusal is a domain error raised before anything is
+written; every write is a compare-and-set, retried from a fresh read when it loses, so the
+machine decides again on what is really stored (the loser of a race sees `run is already
+continued`, never a second execution).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.runtime.agent import Agent
+from app.runtime.documents import epoch, event, message, new_id, waiting_calls
+from app.runtime.executor import RunExecutor
+from app.runtime.loop import APPLY_KEY, execute
+from app.runtime.resolution import resolve_pause
+from app.runtime.session import Lifecycle, RunSession, commit_fields
+from statemachine.errors import ApprovalAlreadyResolved, RunNotFound, StaleRun
+from statemachine.machine import decide
+from statemachine.states import RunState, Trigger
+from statemachine.store import APPROVAL_PENDING, Approval, Commit, RunQuery, RunStore, StoredRun
+
+log = logging.getLogger(__name__)
+
+CAS_ATTEMPTS = 20
+LOST_WORKER = "The worker executing this run was lost before it finished (its lease expired)"
+PAUSE_EXPIRED = "pause expired"
+CANCELLED_BY_CLIENT = "cancelled by client"
+
+
+class AgentNotFound(Exception):
+    """No agent with that id is served (HTTP 404 `Agent not found`)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    lease_seconds: float = 30.0
+    pause_ttl_seconds: float | None = None
+    retain_seconds: int = 7 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class RunAccess:
+    """Who asks about which run: every field given must match, else `Run not found`."""
+
+    agent_id: str
+    run_id: str
+    session_id: str | None = None
+    user_id: str | None = None
+    owner: str | None = None
+
+
+@dataclass
+class Started:
+    """A run committed to execute; its stream starts after event `after`."""
+
+    run_id: str
+    after: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class RunService:
+    """Create, continue, cancel, read and sweep runs of the served agents."""
+
+    def __init__(self, store: RunStore, agents: dict[str, Agent], settings: Settings,
+                 executor: RunExecutor) -> None:
+        self.store = store
+        self.agents = agents
+        self.settings = settings
+        self.executor = executor
+
+    @property
+    def life(self) -> Lifecycle:
+        return Lifecycle(self.executor.owner, self.settings.lease_seconds,
+                         self.settings.retain_seconds)
+
+    def agent(self, agent_id: str) -> Agent:
+        try:
+            return self.agents[agent_id]
+        except KeyError:
+            raise AgentNotFound(agent_id) from None
+
+    # -- create ---------------------------------------------------------------------------
+
+    def create_run(self, agent_id: str, text: str, session_id: str | None,
+                   user_id: str | None) -> Started:
+        """Store a new RUNNING run with `RunStarted`, then execute it in the background."""
+        agent = self.agent(agent_id)
+        run = self._new_run(agent, text, session_id or new_id(), user_id)
+        started = event(run.doc, "RunStarted", model=agent.model.id,
+                        model_provider=agent.model.provider)
+        self.executor.reserve()
+        try:
+            run.version = self.store.create_run(run, [started]).version
+        except BaseException:
+            self.executor.release()
+            raise
+        self._execute(agent, run)
+        return Started(run.run_id, after=0)
+
+    def _new_run(self, agent: Agent, text: str, session_id: str, user_id: str | None):
+        now = time.time()
+        run_id = new_id()
+        doc = {
+            "run_id": run_id, "agent_id": agent.id, "agent_name": agent.display_name,
+            "session_id": session_id, "user_id": user_id, "content": None,
+            "content_type": "str", "model": agent.model.id,
+            "model_provider": agent.model.provider, "created_at": int(now),
+            "updated_at": int(now), "input": {"input_content": text},
+            "messages": [message("user", text)], "tools": [], "metrics": {},
+            "session_state": {},
+        }
+        fields = commit_fields(RunState.RUNNING, self.life, now)
+        return StoredRun(run_id=run_id, agent_id=agent.id, session_id=session_id,
+                         user_id=user_id, state=RunState.RUNNING, version=1, created_at=now,
+                         updated_at=now, doc=doc, lease_owner=fields["lease_owner"],
+                         lease_until=fields["lease_until"])
+
+    def _execute(self, agent: Agent, run: StoredRun) -> None:
+        session = RunSession(self.store, agent, run, self.life)
+        self.executor.submit(run.run_id, lambda: execute(session))
+
+    # -- continue -------------------------------------------------------------------------
+
+    def continue_run(self, access: RunAccess, tools: list[dict[str, Any]]) -> Started:
+        """PAUSED -> CONTINUED with the client's decisions, exactly once across processes."""
+        agent = self.agent(access.agent_id)
+        for _ in range(CAS_ATTEMPTS):
+            run = self.visible_run(access)
+            decide(run.state, Trigger.CONTINUE, admin_pending=run.admin_pending)
+            resolved, actions = resolve_pause(run.doc["tools"], tools, self._decided(run))
+            doc = {**run.doc, "tools": resolved, APPLY_KEY: actions}
+            try:
+                run = self._commit_continue(run, doc)
+            except StaleRun:
+                continue
+            self._execute(agent, run)
+            return Started(run.run_id, after=run.last_seq - 1)
+        raise StaleRun(access.run_id)
+
+    def _commit_continue(self, run: StoredRun, doc: dict[str, Any]) -> StoredRun:
+        now = time.time()
+        doc["updated_at"] = int(now)
+        commit = Commit(run_id=run.run_id, expected_version=run.version,
+                        state=RunState.CONTINUED, doc=doc, now=now,
+                        events=[event(doc, "RunContinued")],
+                        approval_ids=doc.get("_approval_ids", []),
+                        **commit_fields(RunState.CONTINUED, self.life, now))
+        self.executor.reserve()
+        try:
+            result = self.store.commit(commit)
+        except BaseException:
+            self.executor.release()
+            raise
+        run.version, run.state, run.doc, run.last_seq = (
+            result.version, RunState.CONTINUED, doc, result.seqs[-1])
+        return run
+
+    def _decided(self, run: StoredRun) -> dict[str, Approval]:
+        """Resolved approvals of the calls waiting now, by approval id."""
+        decided = {}
+        for obj in waiting_calls(run.doc["tools"]):
+            if obj.get("approval_id"):
+                approval = self.store.get_approval(obj["approval_id"])
+                if approval.status in ("approved", "rejected"):
+                    decided[approval.approval_id] = approval
+        return decided
+
+    # -- cancel ---------------------------------------------------------------------------
+
+    def cancel_run(self, access: RunAccess) -> None:
+        """Cancel a paused run at once, or an executing one at its worker's next step."""
+        self.agent(access.agent_id)
+        for _ in range(CAS_ATTEMPTS):
+            run = self.visible_run(access)
+            try:
+                self._end(run, Trigger.CANCEL, "RunCancelled", reason=CANCELLED_BY_CLIENT)
+                return
+            except StaleRun:
+                continue
+        raise StaleRun(access.run_id)
+
+    def _end(self, run: StoredRun, trigger: Trigger, name: str, **fields: Any) -> None:
+        """Move `run` to a final state decided by the machine, expiring pending approvals."""
+        state = decide(run.state, trigger, admin_pending=run.admin_pending)
+        now = time.time()
+        doc = dict(run.doc)
+        doc.pop(APPLY_KEY, None)
+        doc["updated_at"] = int(now)
+        if "content" in fields:
+            doc["content"] = fields["content"]
+        approval_ids = doc.get("_approval_ids", [])
+        self.store.commit(Commit(
+            run_id=run.run_id, expected_version=run.version, state=state, doc=doc, now=now,
+            events=[event(doc, name, **fields)], approval_ids=approval_ids,
+            expire_approvals=approval_ids if run.admin_pending else [],
+            **commit_fields(state, self.life, now)))
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def visible_run(self, access: RunAccess) -> StoredRun:
+        """The run, after settling a lapsed lease or an expired pause; else `Run not found`."""
+        run = self.store.get_run(access.run_id)
+        if not _visible(run, access):
+            raise RunNotFound(access.run_id)
+        if self._settle(run):
+            run = self.store.get_run(access.run_id)
+        return run
+
+    def current_state(self, run_id: str) -> RunState:
+        """The run's state after settling a lapsed lease or an expired pause."""
+        run = self.store.get_run(run_id)
+        if self._settle(run):
+            run = self.store.get_run(run_id)
+        return run.state
+
+    def list_runs(self, query: RunQuery) -> list[StoredRun]:
+        self.agent(query.agent_id)
+        return self.store.list_runs(query)
+
+    # -- sweeps ---------------------------------------------------------------------------
+
+    def _settle(self, run: StoredRun) -> bool:
+        """End a run whose worker was lost or whose pause expired; True if it was ended."""
+        now = time.time()
+        try:
+            if run.state.is_executing and run.lease_until and run.lease_until <= now:
+                self._end(run, Trigger.FAIL, "RunError", content=LOST_WORKER,
+                          error_type="WorkerLost")
+                return True
+            ttl = self.settings.pause_ttl_seconds
+            if run.state is RunState.PAUSED and ttl and run.paused_at and \
+                    run.paused_at + ttl <= now:
+                self._end(run, Trigger.CANCEL, "RunCancelled", reason=PAUSE_EXPIRED)
+                return True
+        except StaleRun:
+            return True
+        return False
+
+    def sweep(self) -> None:
+        """Settle every run whose lease lapsed or pause expired; purge old finished runs."""
+        now = time.time()
+        ids = self.store.runs_with_lapsed_lease(now)
+        if self.settings.pause_ttl_seconds:
+            ids += self.store.runs_paused_before(now - self.settings.pause_ttl_seconds)
+        for run_id in ids:
+            try:
+                self._settle(self.store.get_run(run_id))
+            except RunNotFound:
+                continue
+        self.store.purge_finished(now - self.settings.retain_seconds)
+
+    # -- approvals ------------------------------------------------------------------------
+
+    def resolve_approval(self, approval_id: str, status: str, data: dict[str, Any] | None,
+                         resolved_by: str) -> Approval:
+        """pending -> approved|rejected, releasing the run's guard in the same atomic step."""
+        for _ in range(CAS_ATTEMPTS):
+            approval = self.store.get_approval(approval_id)
+            if approval.status != APPROVAL_PENDING:
+                raise ApprovalAlreadyResolved(approval.status)
+            run = self.store.get_run(approval.run_id)
+            if self._settle(run):
+                continue
+            decide(run.state, Trigger.RESOLVE_APPROVAL)
+            approval.status, approval.resolution_data = status, data
+            approval.resolved_by, approval.resolved_at = resolved_by, epoch()
+            try:
+                self.store.resolve_approval(approval, run.version, time.time())
+            except StaleRun:
+                continue
+            return self.store.get_approval(approval_id)
+        raise StaleRun(approval_id)
+
+
+def _visible(run: StoredRun, access: RunAccess) -> bool:
+    checks = (
+        (access.agent_id, run.agent_id),
+        (access.session_id, run.session_id),
+        (access.user_id, run.user_id),
+        (access.owner, run.user_id),
+    )
+    return all(wanted is None or wanted == actual for wanted, actual in checks)
+
+
+__all__ = ["APPROVAL_PENDING", "AgentNotFound", "RunAccess", "RunService", "Settings", "Started"]

@@ -1,0 +1,294 @@
+"""marshmallow schemas: the forms and queries we read, and the objects we answer with.
+
+Input schemas validate (422 with errors per field); output schemas describe our answers in
+`/openapi.json`. Unknown form fields are ignored (a client's `run_id` can never pick an id).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
+
+from statemachine.states import WIRE_STATUSES
+
+MAX_ID_LENGTH = 255
+MAX_MESSAGE_LENGTH = 100_000
+MAX_TOOLS_LENGTH = 512 * 1024
+TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
+FALSE_WORDS = frozenset({"false", "0", "no", "off"})
+
+
+class FormBool(fields.Field):
+    """A form boolean: true/false/1/0/yes/no/on/off in any case, nothing else."""
+
+    default_error_messages = {"invalid": "Not a valid boolean."}
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if isinstance(value, bool):
+            return value
+        word = str(value).strip().lower()
+        if word in TRUE_WORDS:
+            return True
+        if word in FALSE_WORDS:
+            return False
+        raise self.make_error("invalid")
+
+
+class StrictBool(fields.Boolean):
+    """A JSON boolean: true or false only (no strings, no numbers)."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.make_error("invalid", input=value)
+        return value
+
+
+def _id(**kwargs: Any) -> fields.String:
+    return fields.String(validate=validate.Length(min=1, max=MAX_ID_LENGTH), **kwargs)
+
+
+class InputSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+
+class ContinueFormSchema(InputSchema):
+    tools = fields.String(load_default="", validate=validate.Length(max=MAX_TOOLS_LENGTH))
+    session_id = _id(allow_none=True, load_default=None)
+    user_id = _id(allow_none=True, load_default=None)
+    stream = FormBool(load_default=True)
+
+
+class CreateRunFormSchema(InputSchema):
+    message = fields.String(required=True, validate=validate.Length(min=1,
+                                                                    max=MAX_MESSAGE_LENGTH))
+    stream = FormBool(load_default=True)
+    session_id = _id(allow_none=True, load_default=None)
+    user_id = _id(allow_none=True, load_default=None)
+
+
+class UserInputFieldSchema(InputSchema):
+    name = fields.String(required=True)
+    field_type = fields.String(allow_none=True)
+    description = fields.String(allow_none=True)
+    value = fields.Raw(allow_none=True)
+
+
+class ToolInputSchema(InputSchema):
+    """A tool object a client sends back; only decision fields matter, all are typed."""
+
+    tool_call_id = fields.String(required=True, validate=validate.Length(min=1,
+                                                                         max=MAX_ID_LENGTH))
+    tool_name = fields.String(allow_none=True)
+    tool_args = fields.Dict(allow_none=True)
+    tool_call_error = StrictBool(allow_none=True)
+    result = fields.String(allow_none=True)
+    metrics = fields.Dict(allow_none=True)
+    child_run_id = fields.String(allow_none=True)
+    stop_after_tool_call = StrictBool(allow_none=True)
+    created_at = fields.Integer(allow_none=True, strict=True)
+    requires_confirmation = StrictBool(allow_none=True)
+    confirmed = StrictBool(allow_none=True)
+    confirmation_note = fields.String(allow_none=True)
+    requires_user_input = StrictBool(allow_none=True)
+    user_input_schema = fields.List(fields.Nested(UserInputFieldSchema), allow_none=True)
+    user_feedback_schema = fields.List(fields.Raw(), allow_none=True)
+    answered = StrictBool(allow_none=True)
+    external_execution_required = StrictBool(allow_none=True)
+    external_execution_silent = StrictBool(allow_none=True)
+    approval_type = fields.String(allow_none=True)
+    approval_id = fields.String(allow_none=True)
+
+
+class ListRunsQuerySchema(InputSchema):
+    session_id = _id(load_default=None)
+    user_id = _id(load_default=None)
+    status = fields.String(load_default=None, validate=validate.OneOf(WIRE_STATUSES))
+    limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))
+    page = fields.Integer(load_default=1, validate=validate.Range(min=1, max=1_000_000))
+
+
+class GetRunQuerySchema(InputSchema):
+    session_id = _id(load_default=None)
+
+
+class EventsQuerySchema(InputSchema):
+    last_event_id = fields.Integer(load_default=None, validate=validate.Range(min=0))
+
+
+class ApprovalsQuerySchema(InputSchema):
+    status = fields.String(load_default=None, validate=validate.OneOf(
+        ["pending", "approved", "rejected", "expired"]))
+    agent_id = _id(load_default=None)
+    user_id = _id(load_default=None)
+    run_id = _id(load_default=None)
+    session_id = _id(load_default=None)
+    limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
+    page = fields.Integer(load_default=1, validate=validate.Range(min=1, max=1_000_000))
+
+
+class ApprovalCountQuerySchema(InputSchema):
+    user_id = _id(load_default=None)
+
+
+class ResolveApprovalSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    status = fields.String(required=True, validate=validate.OneOf(["approved", "rejected"]))
+    resolution_data = fields.Dict(allow_none=True, load_default=None)
+
+    @validates_schema(pass_original=True)
+    def _object_body(self, data: dict[str, Any], original: Any, **kwargs: Any) -> None:
+        if not isinstance(original, dict):
+            raise ValidationError("The body must be a JSON object.")
+
+
+# -- output schemas (documentation of our answers) -------------------------------------------
+
+
+class ErrorSchema(Schema):
+    detail = fields.String(required=True, metadata={"description": "Error detail message"})
+    error_code = fields.String(allow_none=True,
+                               metadata={"description": "Error code for categorization"})
+
+
+class ValidationErrorSchema(ErrorSchema):
+    errors = fields.Dict(keys=fields.String(), values=fields.List(fields.String()))
+
+
+class ConflictSchema(ErrorSchema):
+    status = fields.String(metadata={"description": "The run's wire status"})
+
+
+class UserInputFieldOutSchema(Schema):
+    name = fields.String()
+    field_type = fields.String()
+    description = fields.String(allow_none=True)
+    value = fields.Raw(allow_none=True)
+
+
+class ToolExecutionSchema(Schema):
+    tool_call_id = fields.String()
+    tool_name = fields.String()
+    tool_args = fields.Dict()
+    tool_call_error = fields.Boolean(allow_none=True)
+    result = fields.String(allow_none=True)
+    metrics = fields.Dict(allow_none=True)
+    child_run_id = fields.String(allow_none=True)
+    stop_after_tool_call = fields.Boolean()
+    created_at = fields.Integer()
+    requires_confirmation = fields.Boolean(allow_none=True)
+    confirmed = fields.Boolean(allow_none=True)
+    confirmation_note = fields.String(allow_none=True)
+    requires_user_input = fields.Boolean(allow_none=True)
+    user_input_schema = fields.List(fields.Nested(UserInputFieldOutSchema), allow_none=True)
+    user_feedback_schema = fields.List(fields.Raw(), allow_none=True)
+    answered = fields.Boolean(allow_none=True)
+    external_execution_required = fields.Boolean(allow_none=True)
+    external_execution_silent = fields.Boolean(allow_none=True)
+    approval_type = fields.String(allow_none=True)
+    approval_id = fields.String(allow_none=True)
+
+
+class MessageSchema(Schema):
+    role = fields.String()
+    content = fields.Raw(allow_none=True)
+    tool_calls = fields.List(fields.Dict())
+    tool_call_id = fields.String()
+    tool_name = fields.String()
+    tool_call_error = fields.Boolean()
+    created_at = fields.Integer()
+
+
+class RunSchema(Schema):
+    run_id = fields.String()
+    agent_id = fields.String()
+    agent_name = fields.String()
+    session_id = fields.String()
+    user_id = fields.String()
+    status = fields.String(validate=validate.OneOf(WIRE_STATUSES))
+    content = fields.Raw()
+    content_type = fields.String()
+    model = fields.String()
+    model_provider = fields.String()
+    created_at = fields.Integer()
+    updated_at = fields.Integer()
+    input = fields.Dict()
+    messages = fields.List(fields.Nested(MessageSchema))
+    tools = fields.List(fields.Nested(ToolExecutionSchema))
+    events = fields.List(fields.Dict())
+    metrics = fields.Dict()
+    session_state = fields.Dict()
+
+
+class ApprovalSchema(Schema):
+    id = fields.String()
+    run_id = fields.String()
+    session_id = fields.String()
+    agent_id = fields.String()
+    user_id = fields.String(allow_none=True)
+    status = fields.String()
+    approval_type = fields.String()
+    pause_type = fields.String()
+    tool_name = fields.String()
+    tool_args = fields.Dict()
+    resolution_data = fields.Dict(allow_none=True)
+    resolved_by = fields.String(allow_none=True)
+    resolved_at = fields.Integer(allow_none=True)
+    created_at = fields.Integer()
+    updated_at = fields.Integer(allow_none=True)
+    run_status = fields.String(allow_none=True)
+
+
+class PageMetaSchema(Schema):
+    page = fields.Integer()
+    limit = fields.Integer()
+    total_pages = fields.Integer()
+    total_count = fields.Integer()
+
+
+class ApprovalPageSchema(Schema):
+    data = fields.List(fields.Nested(ApprovalSchema))
+    meta = fields.Nested(PageMetaSchema)
+
+
+class ApprovalStatusSchema(Schema):
+    approval_id = fields.String()
+    status = fields.String()
+    run_id = fields.String()
+    resolved_at = fields.Integer(allow_none=True)
+    resolved_by = fields.String(allow_none=True)
+
+
+class CountSchema(Schema):
+    count = fields.Integer()
+
+
+class AgentToolSchema(Schema):
+    name = fields.String()
+    description = fields.String()
+    parameters = fields.Dict()
+    requires_confirmation = fields.Boolean()
+    requires_user_input = fields.Boolean()
+    external_execution = fields.Boolean()
+    requires_approval = fields.Boolean()
+
+
+class AgentSchema(Schema):
+    id = fields.String()
+    name = fields.String()
+    description = fields.String(allow_none=True)
+    tools = fields.List(fields.Nested(AgentToolSchema))
+
+
+class HealthSchema(Schema):
+    status = fields.String()
+    instantiated_at = fields.String()
+
+
+class RootSchema(Schema):
+    name = fields.String()
+    id = fields.String()
+    version = fields.String()

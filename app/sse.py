@@ -1,0 +1,77 @@
+"""Server-sent events: framing, heartbeats, and following a run's stored event log.
+
+Live streams and resumed streams are the same thing: both follow the store from a sequence id
+until a terminal event, so what a client sees never depends on which worker executes the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+
+from statemachine.errors import StoreUnavailable
+from statemachine.states import RunState
+from statemachine.store import RunStore, StoredEvent
+
+log = logging.getLogger(__name__)
+
+MIMETYPE = "text/event-stream; charset=utf-8"
+HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+PING = b": ping\n\n"
+TERMINAL_EVENTS = frozenset({"RunPaused", "RunCompleted", "RunError", "RunCancelled"})
+_WAIT_SLICE = 1.0
+
+
+def frame(event: StoredEvent) -> bytes:
+    """One event: `id:`, `event:` and a one-line compact JSON `data:`."""
+    data = json.dumps(event.data, separators=(",", ":"), ensure_ascii=False)
+    return f"id: {event.seq}\nevent: {event.name}\ndata: {data}\n\n".encode()
+
+
+def follow(
+    store: RunStore,
+    run_id: str,
+    after: int,
+    current_state: Callable[[str], RunState],
+    *,
+    ping_seconds: float,
+    max_seconds: float,
+) -> Iterator[StoredEvent | None]:
+    """Stored events after `after`, then live ones, until a terminal event (None = idle ping).
+
+    Ends early when the run is not executing and nothing is left to read (a paused or
+    finished run followed from its end), or when `max_seconds` have passed.
+    """
+    deadline = time.monotonic() + max_seconds
+    quiet_since = time.monotonic()
+    while time.monotonic() < deadline:
+        events = store.read_events(run_id, after) or store.wait_events(
+            run_id, after, min(_WAIT_SLICE, max(0.0, deadline - time.monotonic())))
+        for event in events:
+            yield event
+            after = event.seq
+            if event.name in TERMINAL_EVENTS:
+                return
+        if events:
+            quiet_since = time.monotonic()
+            continue
+        if not current_state(run_id).is_executing and not store.read_events(run_id, after):
+            return
+        if time.monotonic() - quiet_since >= ping_seconds:
+            quiet_since = time.monotonic()
+            yield None
+
+
+def sse_body(events: Iterator[StoredEvent | None]) -> Iterator[bytes]:
+    """Frames for a response; a store outage mid-stream ends it (the client resumes later)."""
+    try:
+        for event in events:
+            yield PING if event is None else frame(event)
+    except StoreUnavailable as exc:
+        log.warning("stream ended early, store unavailable: %s", exc)
+    finally:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()

@@ -1,0 +1,1 @@
+"""Thin views: validate, call one service function, answer."""

@@ -1,0 +1,79 @@
+"""Root, health, agents, the OpenAPI document and its offline docs page."""
+
+from __future__ import annotations
+
+import functools
+
+import swagger_ui_bundle
+from flask import Blueprint, Response, jsonify, request, send_from_directory
+
+from app.auth import requires
+from app.context import agentos
+from app.errors import error_response
+from app.openapi import VERSION, build_openapi
+from app.runtime.service import AgentNotFound
+from statemachine.errors import StoreUnavailable
+
+bp = Blueprint("meta", __name__)
+
+DOCS_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>AgentOS API</title>
+<link rel="stylesheet" href="/docs/assets/swagger-ui.css"></head>
+<body><div id="swagger-ui"></div>
+<script src="/docs/assets/swagger-ui-bundle.js"></script>
+<script>window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
+</body></html>
+"""
+
+
+@bp.get("/")
+def root() -> Response:
+    return jsonify({"name": "AgentOS API", "id": agentos().settings["AGENTOS_ID"],
+                    "version": VERSION})
+
+
+@bp.get("/health")
+def health() -> Response:
+    deep = request.args.get("deep", "").strip().lower() in ("1", "true", "yes", "on")
+    if deep:
+        try:
+            agentos().store.ping()
+        except StoreUnavailable:
+            return error_response(503, "The run store is unavailable",
+                                  headers={"Retry-After": "1"})
+    return jsonify({"status": "ok", "instantiated_at": agentos().instantiated_at})
+
+
+@bp.get("/agents")
+@requires("agents:read")
+def list_agents() -> Response:
+    return jsonify([agent.describe() for agent in agentos().agents.values()])
+
+
+@bp.get("/agents/<agent_id>")
+@requires("agents:read")
+def get_agent(agent_id: str) -> Response:
+    return jsonify(agentos().service.agent(agent_id).describe())
+
+
+@bp.get("/openapi.json")
+def openapi() -> Response:
+    return jsonify(_openapi_document())
+
+
+@functools.cache
+def _openapi_document() -> dict:
+    return build_openapi()
+
+
+@bp.get("/docs")
+def docs() -> Response:
+    return Response(DOCS_PAGE, content_type="text/html; charset=utf-8")
+
+
+@bp.get("/docs/assets/<path:name>")
+def docs_assets(name: str) -> Response:
+    return send_from_directory(swagger_ui_bundle.swagger_ui_path, name, max_age=86400)
+
+
+__all__ = ["AgentNotFound", "bp"]

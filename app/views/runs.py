@@ -1,0 +1,177 @@
+"""Run endpoints: create, list, get, continue, cancel, and the resumable event stream."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request, url_for
+
+from app.auth import identity, requires
+from app.context import agentos
+from app.errors import ApiError
+from app.representation import run_object
+from app.runtime.service import RunAccess, Started
+from app.schemas import (
+    ContinueFormSchema,
+    CreateRunFormSchema,
+    EventsQuerySchema,
+    GetRunQuerySchema,
+    ListRunsQuerySchema,
+    ToolInputSchema,
+)
+from app.sse import HEADERS, MIMETYPE, follow, sse_body
+from statemachine.states import states_for_wire_status
+from statemachine.store import RunQuery
+
+bp = Blueprint("runs", __name__)
+
+CONTINUE_FORM = ContinueFormSchema()
+CREATE_FORM = CreateRunFormSchema()
+LIST_QUERY = ListRunsQuerySchema()
+GET_QUERY = GetRunQuerySchema()
+EVENTS_QUERY = EventsQuerySchema()
+TOOL_INPUT = ToolInputSchema()
+TOOL_LIST_LIMIT = 256
+
+
+@bp.post("/agents/<agent_id>/runs")
+@requires("agents:run")
+def create_run(agent_id: str) -> Response:
+    form = CREATE_FORM.load(request.form)
+    user_id = identity().user_id or form["user_id"]
+    started = agentos().service.create_run(agent_id, form["message"], form["session_id"],
+                                           user_id)
+    return run_answer(agent_id, started, form["stream"])
+
+
+@bp.post("/agents/<agent_id>/runs/<run_id>/continue")
+@requires("agents:run")
+def continue_run(agent_id: str, run_id: str) -> Response:
+    form = CONTINUE_FORM.load(request.form)
+    tools = parse_tools(form["tools"])
+    started = agentos().service.continue_run(access(agent_id, run_id, form), tools)
+    return run_answer(agent_id, started, form["stream"])
+
+
+@bp.post("/agents/<agent_id>/runs/<run_id>/cancel")
+@requires("agents:run")
+def cancel_run(agent_id: str, run_id: str) -> Response:
+    agentos().service.cancel_run(access(agent_id, run_id, {}))
+    return jsonify({})
+
+
+@bp.get("/agents/<agent_id>/runs/<run_id>")
+@requires("agents:read")
+def get_run(agent_id: str, run_id: str) -> Response:
+    query = GET_QUERY.load(request.args)
+    run = agentos().service.visible_run(access(agent_id, run_id, query))
+    return jsonify(run_object(run, agentos().store.read_events(run.run_id)))
+
+
+@bp.get("/agents/<agent_id>/runs")
+@requires("agents:read")
+def list_runs(agent_id: str) -> Response:
+    query = LIST_QUERY.load(request.args)
+    owner = identity().owner
+    states = states_for_wire_status(query["status"]) if query["status"] else None
+    runs = agentos().service.list_runs(RunQuery(
+        agent_id=agent_id, session_id=query["session_id"], user_id=owner or query["user_id"],
+        states=states, limit=query["limit"], offset=(query["page"] - 1) * query["limit"]))
+    if owner and query["user_id"] not in (None, owner):
+        runs = []
+    store = agentos().store
+    return jsonify([run_object(run, store.read_events(run.run_id)) for run in runs])
+
+
+@bp.get("/agents/<agent_id>/runs/<run_id>/events")
+@requires("agents:read")
+def run_events(agent_id: str, run_id: str) -> Response:
+    query = EVENTS_QUERY.load(request.args)
+    after = last_event_id(query["last_event_id"])
+    run = agentos().service.visible_run(access(agent_id, run_id, {}))
+    return stream_response(run.run_id, after)
+
+
+def access(agent_id: str, run_id: str, form: dict[str, Any]) -> RunAccess:
+    """Who may see the run: form/query filters plus the caller's ownership."""
+    return RunAccess(agent_id=agent_id, run_id=run_id, session_id=form.get("session_id"),
+                     user_id=form.get("user_id"), owner=identity().owner)
+
+
+def last_event_id(from_query: int | None) -> int:
+    header = request.headers.get("Last-Event-ID")
+    if header is None or not header.strip():
+        return from_query or 0
+    try:
+        value = int(header.strip())
+    except ValueError:
+        raise ApiError(422, "Validation error",
+                       errors={"Last-Event-ID": ["Not a valid integer."]}) from None
+    if value < 0:
+        raise ApiError(422, "Validation error",
+                       errors={"Last-Event-ID": ["Must be greater than or equal to 0."]})
+    return value
+
+
+def parse_tools(raw: str) -> list[dict[str, Any]]:
+    """The `tools` form field as a list of typed tool objects, or a 400 saying why not."""
+    if not raw.strip():
+        return []
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ApiError(400, "Invalid JSON in tools field") from None
+    if not isinstance(value, list):
+        raise _bad_tools("tools must be a JSON array of tool objects")
+    if len(value) > TOOL_LIST_LIMIT:
+        raise _bad_tools(f"at most {TOOL_LIST_LIMIT} tool objects are accepted")
+    return [_tool_input(index, item) for index, item in enumerate(value)]
+
+
+def _tool_input(index: int, item: Any) -> dict[str, Any]:
+    if not isinstance(item, dict):
+        raise _bad_tools(f"tools[{index}] must be an object")
+    errors = TOOL_INPUT.validate(item)
+    if errors:
+        field, messages = next(iter(sorted(errors.items())))
+        raise _bad_tools(f"tools[{index}].{field}: {_first_message(messages)}")
+    return TOOL_INPUT.load(item)
+
+
+def _first_message(messages: Any) -> str:
+    while isinstance(messages, dict | list):
+        messages = next(iter(messages.values())) if isinstance(messages, dict) else messages[0]
+    return str(messages)
+
+
+def _bad_tools(what: str) -> ApiError:
+    return ApiError(400, f"Invalid structure or content for tools: {what}")
+
+
+def run_answer(agent_id: str, started: Started, stream: bool) -> Response:
+    """The stream from the run's first new event, or the run object once it stops."""
+    if stream:
+        return stream_response(started.run_id, started.after)
+    for _ in _follow(started.run_id, started.after):
+        pass
+    os = agentos()
+    run = os.store.get_run(started.run_id)
+    return jsonify(run_object(run, os.store.read_events(run.run_id)))
+
+
+def stream_response(run_id: str, after: int) -> Response:
+    """An SSE response; status and headers are fixed before the first event is read."""
+    run = agentos().store.get_run(run_id)
+    location = url_for("runs.run_events", agent_id=run.agent_id, run_id=run_id,
+                       last_event_id=after)
+    headers = {**HEADERS, "Location": location}
+    return Response(sse_body(_follow(run_id, after)), status=200, content_type=MIMETYPE,
+                    headers=headers)
+
+
+def _follow(run_id: str, after: int):
+    os = agentos()
+    return follow(os.store, run_id, after, os.service.current_state,
+                  ping_seconds=os.settings["STREAM_PING_SECONDS"],
+                  max_seconds=os.settings["STREAM_MAX_SECONDS"])

@@ -1,0 +1,57 @@
+"""Every Redis key the server uses, in one place.
+
+Keys of one run carry the hash tag `{run_id}` so that they live in one Redis Cluster slot and
+one Lua script may touch them all. Keys without a run tag are indexes: hints that are written
+before the run's own commit and verified against the run when read, never the truth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names under one prefix (`REDIS_KEY_PREFIX`), so tenants and tests never collide."""
+
+    prefix: str = "agentos"
+
+    def run(self, run_id: str) -> str:
+        """Hash: state, version, doc (JSON), indexed columns, lease, guard, last_seq."""
+        return f"{self.prefix}:run:{{{run_id}}}"
+
+    def events(self, run_id: str) -> str:
+        """Stream: the run's events with explicit ids 0-1, 0-2 ...; field `e` is the JSON."""
+        return f"{self.prefix}:run:{{{run_id}}}:events"
+
+    def approval(self, run_id: str, approval_id: str) -> str:
+        """Hash: status, doc (JSON), resolution (JSON) of one approval of the run."""
+        return f"{self.prefix}:run:{{{run_id}}}:approval:{approval_id}"
+
+    def approval_runs(self) -> str:
+        """Hash: approval_id -> run_id, to find an approval's slot from its id alone."""
+        return f"{self.prefix}:approval-run"
+
+    def approvals_by_time(self) -> str:
+        """Sorted set: approval_id scored by creation time (newest-first listing)."""
+        return f"{self.prefix}:approvals"
+
+    def agent_runs(self, agent_id: str) -> str:
+        """Sorted set: run_id scored by creation time, one per agent (listing)."""
+        return f"{self.prefix}:agent-runs:{agent_id}"
+
+    def executing(self) -> str:
+        """Sorted set: run_id scored by lease expiry, for the lapsed-lease sweep."""
+        return f"{self.prefix}:executing"
+
+    def paused(self) -> str:
+        """Sorted set: run_id scored by pause time, for the pause-expiry sweep."""
+        return f"{self.prefix}:paused"
+
+    def finished(self) -> str:
+        """Sorted set: run_id scored by finish time, for retention of the indexes."""
+        return f"{self.prefix}:finished"
+
+    def idempotency(self, scope: str, key: str) -> str:
+        """String: the JSON outcome remembered for one Idempotency-Key in one scope."""
+        return f"{self.prefix}:idem:{{{scope}}}:{key}"

@@ -1,0 +1,89 @@
+"""The Lua scripts of the Redis store. They compare and set; they never encode run rules.
+
+Return codes shared by the scripts: -1 run missing, -2 stale version, -3 approval missing,
+-4 approval not pending (its status follows), -5 run already exists.
+"""
+
+COMMIT = """
+local v = redis.call('HGET', KEYS[1], 'version')
+if not v then return {-1} end
+if tonumber(v) ~= tonumber(ARGV[1]) then return {-2} end
+local nev, nnew, nexp = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
+local nall = tonumber(ARGV[12])
+local seq = tonumber(redis.call('HGET', KEYS[1], 'last_seq') or '0')
+local out = {tonumber(v) + 1}
+for i = 1, nev do
+  seq = seq + 1
+  redis.call('XADD', KEYS[2], '0-' .. seq, 'e', ARGV[12 + i])
+  out[#out + 1] = seq
+end
+local pending = tonumber(redis.call('HGET', KEYS[1], 'pending_approvals') or '0')
+for i = 1, nnew do
+  redis.call('HSET', KEYS[2 + i], 'status', 'pending', 'doc', ARGV[12 + nev + i])
+  pending = pending + 1
+end
+for i = 1, nexp do
+  local k = KEYS[2 + nnew + i]
+  if redis.call('HGET', k, 'status') == 'pending' then
+    redis.call('HSET', k, 'status', 'expired', 'updated_at', ARGV[4])
+    pending = pending - 1
+  end
+end
+redis.call('HSET', KEYS[1], 'version', tonumber(v) + 1, 'state', ARGV[2], 'doc', ARGV[3],
+  'updated_at', ARGV[4], 'last_seq', seq, 'pending_approvals', pending,
+  'lease_owner', ARGV[5], 'lease_until', ARGV[6], 'paused_at', ARGV[7])
+if ARGV[8] ~= '' then
+  local ttl = tonumber(ARGV[8])
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
+  for i = 1, nall do redis.call('EXPIRE', KEYS[2 + nnew + nexp + i], ttl) end
+end
+return out
+"""
+
+CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {-5} end
+local n = tonumber(ARGV[1])
+local fields = cjson.decode(ARGV[2])
+local flat = {}
+for k, val in pairs(fields) do flat[#flat + 1] = k; flat[#flat + 1] = tostring(val) end
+redis.call('HSET', KEYS[1], unpack(flat))
+local out = {1}
+for i = 1, n do
+  redis.call('XADD', KEYS[2], '0-' .. i, 'e', ARGV[2 + i])
+  out[#out + 1] = i
+end
+redis.call('HSET', KEYS[1], 'last_seq', n)
+return out
+"""
+
+RESOLVE = """
+local v = redis.call('HGET', KEYS[1], 'version')
+if not v then return {-1} end
+local status = redis.call('HGET', KEYS[2], 'status')
+if not status then return {-3} end
+if status ~= 'pending' then return {-4, status} end
+if tonumber(v) ~= tonumber(ARGV[1]) then return {-2} end
+redis.call('HSET', KEYS[2], 'status', ARGV[2], 'resolution', ARGV[3], 'updated_at', ARGV[4])
+local pending = tonumber(redis.call('HGET', KEYS[1], 'pending_approvals') or '0') - 1
+if pending < 0 then pending = 0 end
+redis.call('HSET', KEYS[1], 'version', tonumber(v) + 1, 'pending_approvals', pending,
+  'updated_at', ARGV[4])
+return {tonumber(v) + 1}
+"""
+
+DELETE_APPROVAL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return -3 end
+if status == 'pending' then return -4 end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+RENEW_LEASE = """
+if redis.call('HGET', KEYS[1], 'lease_owner') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'lease_until', ARGV[2])
+  return 1
+end
+return 0
+"""

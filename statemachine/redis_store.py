@@ -1,0 +1,425 @@
+"""The Redis store: one hash per run, a stream of events per run, Lua compare-and-set.
+
+Scripts are sent with EVALSHA and reloaded on NOSCRIPT (redis-py's `Script` does both). Index
+keys (listing, sweeps) are written before the run's own atomic commit and checked against the
+run when read, so a crash between the two leaves a harmless hint, never a wrong answer.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from statemachine import lua
+from statemachine.errors import (
+    ApprovalNotFound,
+    ApprovalStillPending,
+    RunNotFound,
+    StaleRun,
+    StoreUnavailable,
+)
+from statemachine.keys import Keys
+from statemachine.states import RunState
+from statemachine.store import (
+    APPROVAL_PENDING,
+    Approval,
+    ApprovalQuery,
+    Commit,
+    CommitResult,
+    RunQuery,
+    StoredEvent,
+    StoredRun,
+    approval_matches,
+    dumps,
+    lease_lapsed,
+    paused_before,
+    resolve_outcome,
+    run_matches,
+)
+
+T = TypeVar("T")
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, redis.exceptions.BusyLoadingError)
+_SCAN_BATCH = 200
+
+
+def _guarded(method: Callable[..., T]) -> Callable[..., T]:
+    """Turn Redis connectivity failures into StoreUnavailable (HTTP 503)."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return method(*args, **kwargs)
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
+        except redis.exceptions.ResponseError as exc:
+            if "READONLY" in str(exc) or "LOADING" in str(exc) or "MASTERDOWN" in str(exc):
+                raise StoreUnavailable(f"redis: {exc}") from exc
+            raise
+
+    return wrapper
+
+
+def _opt_float(value: str | None) -> float | None:
+    return float(value) if value not in (None, "") else None
+
+
+def _run_from_hash(fields: dict[str, str]) -> StoredRun:
+    pending = int(fields.get("pending_approvals") or 0)
+    return StoredRun(
+        run_id=fields["run_id"],
+        agent_id=fields["agent_id"],
+        session_id=fields["session_id"],
+        user_id=fields.get("user_id") or None,
+        state=RunState(fields["state"]),
+        version=int(fields["version"]),
+        created_at=float(fields["created_at"]),
+        updated_at=float(fields["updated_at"]),
+        doc=json.loads(fields["doc"]),
+        admin_pending=pending > 0,
+        pending_approvals=pending,
+        last_seq=int(fields.get("last_seq") or 0),
+        lease_owner=fields.get("lease_owner") or None,
+        lease_until=_opt_float(fields.get("lease_until")),
+        paused_at=_opt_float(fields.get("paused_at")),
+    )
+
+
+def _approval_from_hash(fields: dict[str, str]) -> Approval:
+    doc = json.loads(fields["doc"])
+    resolution = json.loads(fields["resolution"]) if fields.get("resolution") else {}
+    return Approval(
+        approval_id=doc["id"],
+        run_id=doc["run_id"],
+        status=fields["status"],
+        doc=doc,
+        resolution_data=resolution.get("resolution_data"),
+        resolved_by=resolution.get("resolved_by"),
+        resolved_at=resolution.get("resolved_at"),
+        updated_at=int(float(fields["updated_at"])) if fields.get("updated_at") else None,
+    )
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else repr(value)
+
+
+class RedisRunStore:
+    """RunStore on Redis; safe for any number of processes and hosts sharing one server."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "agentos",
+        socket_timeout: float = 5.0,
+        max_connections: int = 64,
+    ) -> None:
+        self.keys = Keys(prefix)
+        pool = redis.BlockingConnectionPool.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=min(socket_timeout, 2.0),
+            health_check_interval=15,
+            max_connections=max_connections,
+            timeout=socket_timeout,
+        )
+        self.redis = redis.Redis(connection_pool=pool)
+        self._block_cap = max(0.1, socket_timeout - 1.0)
+        self._commit = self.redis.register_script(lua.COMMIT)
+        self._create = self.redis.register_script(lua.CREATE)
+        self._resolve = self.redis.register_script(lua.RESOLVE)
+        self._delete_approval = self.redis.register_script(lua.DELETE_APPROVAL)
+        self._renew = self.redis.register_script(lua.RENEW_LEASE)
+
+    # -- runs ---------------------------------------------------------------------------
+
+    @_guarded
+    def ping(self) -> None:
+        self.redis.ping()
+
+    @_guarded
+    def create_run(self, run: StoredRun, events: list[dict[str, Any]]) -> CommitResult:
+        """Store a new run at version 1 with its first events; the id must be new."""
+        self.redis.zadd(self.keys.agent_runs(run.agent_id), {run.run_id: run.created_at})
+        self._hint_lifecycle(run.run_id, run.lease_until, run.paused_at)
+        fields = {
+            "run_id": run.run_id,
+            "agent_id": run.agent_id,
+            "session_id": run.session_id,
+            "user_id": run.user_id or "",
+            "state": run.state.value,
+            "version": 1,
+            "created_at": repr(run.created_at),
+            "updated_at": repr(run.updated_at),
+            "doc": dumps(run.doc),
+            "pending_approvals": 0,
+            "lease_owner": run.lease_owner or "",
+            "lease_until": _num(run.lease_until),
+            "paused_at": _num(run.paused_at),
+        }
+        keys = [self.keys.run(run.run_id), self.keys.events(run.run_id)]
+        out = self._create(keys=keys, args=[len(events), dumps(fields), *map(dumps, events)])
+        if out[0] == -5:
+            raise StaleRun(f"run {run.run_id} already exists")
+        return CommitResult(version=1, seqs=[int(s) for s in out[1:]])
+
+    @_guarded
+    def get_run(self, run_id: str) -> StoredRun:
+        fields = self.redis.hgetall(self.keys.run(run_id))
+        if not fields:
+            raise RunNotFound(run_id)
+        return _run_from_hash(fields)
+
+    @_guarded
+    def commit(self, commit: Commit) -> CommitResult:
+        """Apply `commit` atomically if the run is still at its expected version."""
+        self._hint_commit(commit)
+        rid = commit.run_id
+        keys = [self.keys.run(rid), self.keys.events(rid)]
+        keys += [self.keys.approval(rid, a.approval_id) for a in commit.approvals]
+        keys += [self.keys.approval(rid, a) for a in commit.expire_approvals]
+        retained = commit.approval_ids if commit.retain_seconds else []
+        keys += [self.keys.approval(rid, a) for a in retained]
+        args: list[Any] = [
+            commit.expected_version,
+            commit.state.value,
+            dumps(commit.doc),
+            repr(commit.now),
+            commit.lease_owner or "",
+            _num(commit.lease_until),
+            _num(commit.paused_at),
+            "" if commit.retain_seconds is None else int(commit.retain_seconds),
+            len(commit.events),
+            len(commit.approvals),
+            len(commit.expire_approvals),
+            len(retained),
+            *map(dumps, commit.events),
+            *(dumps(a.doc) for a in commit.approvals),
+        ]
+        out = self._commit(keys=keys, args=args)
+        if out[0] == -1:
+            raise RunNotFound(rid)
+        if out[0] == -2:
+            raise StaleRun(rid)
+        return CommitResult(version=int(out[0]), seqs=[int(s) for s in out[1:]])
+
+    def _hint_commit(self, commit: Commit) -> None:
+        """Index hints for the sweeps and listings, written before the commit they describe."""
+        pipe = self.redis.pipeline(transaction=False)
+        for approval in commit.approvals:
+            pipe.hset(self.keys.approval_runs(), approval.approval_id, commit.run_id)
+            created = float(approval.doc.get("created_at") or commit.now)
+            pipe.zadd(self.keys.approvals_by_time(), {approval.approval_id: created})
+        if commit.retain_seconds is not None:
+            pipe.zadd(self.keys.finished(), {commit.run_id: commit.now})
+        pipe.execute()
+        self._hint_lifecycle(commit.run_id, commit.lease_until, commit.paused_at)
+
+    def _hint_lifecycle(self, run_id: str, lease_until: float | None, paused_at: float | None):
+        pipe = self.redis.pipeline(transaction=False)
+        if lease_until is not None:
+            pipe.zadd(self.keys.executing(), {run_id: lease_until})
+        if paused_at is not None:
+            pipe.zadd(self.keys.paused(), {run_id: paused_at})
+        pipe.execute()
+
+    @_guarded
+    def read_events(self, run_id: str, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
+        entries = self.redis.xrange(self.keys.events(run_id), f"0-{after + 1}", "+", count=limit)
+        return [_event(entry_id, fields) for entry_id, fields in entries]
+
+    @_guarded
+    def wait_events(self, run_id: str, after: int, timeout: float) -> list[StoredEvent]:
+        """Block up to `timeout` seconds for events after `after` (XREAD BLOCK)."""
+        block_ms = max(1, int(min(timeout, self._block_cap) * 1000))
+        answer = self.redis.xread({self.keys.events(run_id): f"0-{after}"}, count=500,
+                                  block=block_ms)
+        if not answer:
+            return []
+        return [_event(entry_id, fields) for entry_id, fields in answer[0][1]]
+
+    @_guarded
+    def list_runs(self, query: RunQuery) -> list[StoredRun]:
+        """Newest first; index entries whose run has expired are dropped on the way."""
+        index = self.keys.agent_runs(query.agent_id)
+        wanted, skipped, start = [], 0, 0
+        while len(wanted) < query.limit:
+            ids = self.redis.zrevrange(index, start, start + _SCAN_BATCH - 1)
+            if not ids:
+                break
+            start += len(ids)
+            for run in self._runs_by_id(index, ids):
+                if not run_matches(run, query):
+                    continue
+                if skipped < query.offset:
+                    skipped += 1
+                    continue
+                wanted.append(run)
+                if len(wanted) == query.limit:
+                    break
+        return wanted
+
+    def _runs_by_id(self, index: str, ids: list[str]) -> list[StoredRun]:
+        pipe = self.redis.pipeline(transaction=False)
+        for run_id in ids:
+            pipe.hgetall(self.keys.run(run_id))
+        runs, gone = [], []
+        for run_id, fields in zip(ids, pipe.execute(), strict=True):
+            if fields:
+                runs.append(_run_from_hash(fields))
+            else:
+                gone.append(run_id)
+        if gone:
+            self.redis.zrem(index, *gone)
+        return runs
+
+    # -- leases and sweeps --------------------------------------------------------------
+
+    @_guarded
+    def renew_leases(self, owner: str, run_ids: Iterable[str], until: float) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        ids = list(run_ids)
+        for run_id in ids:
+            self._renew(keys=[self.keys.run(run_id)], args=[owner, repr(until)], client=pipe)
+        if ids:
+            pipe.zadd(self.keys.executing(), dict.fromkeys(ids, until))
+        pipe.execute()
+
+    @_guarded
+    def runs_with_lapsed_lease(self, now: float, limit: int = 100) -> list[str]:
+        """Runs whose lease hint lapsed; hints of runs no longer executing are dropped."""
+        return self._due(self.keys.executing(), now, limit, lease_lapsed)
+
+    @_guarded
+    def runs_paused_before(self, before: float, limit: int = 100) -> list[str]:
+        return self._due(self.keys.paused(), before, limit, paused_before)
+
+    def _due(self, index: str, bound: float, limit: int, still: Callable) -> list[str]:
+        ids = self.redis.zrangebyscore(index, "-inf", bound, start=0, num=limit)
+        due, stale = [], []
+        for run_id in ids:
+            try:
+                run = self.get_run(run_id)
+            except RunNotFound:
+                stale.append(run_id)
+                continue
+            (due if still(run, bound) else stale).append(run_id)
+        stale = [r for r in stale if r not in due]
+        if stale:
+            self.redis.zrem(index, *stale)
+        return due
+
+    # -- approvals ----------------------------------------------------------------------
+
+    def _approval_key(self, approval_id: str) -> str:
+        run_id = self.redis.hget(self.keys.approval_runs(), approval_id)
+        if not run_id:
+            raise ApprovalNotFound(approval_id)
+        return self.keys.approval(run_id, approval_id)
+
+    @_guarded
+    def get_approval(self, approval_id: str) -> Approval:
+        fields = self.redis.hgetall(self._approval_key(approval_id))
+        if not fields:
+            raise ApprovalNotFound(approval_id)
+        return _approval_from_hash(fields)
+
+    @_guarded
+    def list_approvals(self, query: ApprovalQuery) -> tuple[list[Approval], int]:
+        matching = [a for a in self._all_approvals() if approval_matches(a, query)]
+        return matching[query.offset : query.offset + query.limit], len(matching)
+
+    @_guarded
+    def count_pending_approvals(self, user_id: str | None = None) -> int:
+        query = ApprovalQuery(status=APPROVAL_PENDING, user_id=user_id)
+        return sum(1 for a in self._all_approvals() if approval_matches(a, query))
+
+    def _all_approvals(self) -> list[Approval]:
+        ids = self.redis.zrevrange(self.keys.approvals_by_time(), 0, -1)
+        runs = self.redis.hmget(self.keys.approval_runs(), ids) if ids else []
+        pipe = self.redis.pipeline(transaction=False)
+        for approval_id, run_id in zip(ids, runs, strict=True):
+            pipe.hgetall(self.keys.approval(run_id or "-", approval_id))
+        found, gone = [], []
+        for approval_id, fields in zip(ids, pipe.execute(), strict=True):
+            (found.append(_approval_from_hash(fields)) if fields else gone.append(approval_id))
+        if gone:
+            self._forget_approvals(gone)
+        return found
+
+    def _forget_approvals(self, approval_ids: list[str]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrem(self.keys.approvals_by_time(), *approval_ids)
+        pipe.hdel(self.keys.approval_runs(), *approval_ids)
+        pipe.execute()
+
+    @_guarded
+    def resolve_approval(self, approval: Approval, expected_version: int, now: float):
+        """Compare-and-set pending -> approval.status and release the run's guard, atomically."""
+        resolution = {
+            "resolution_data": approval.resolution_data,
+            "resolved_by": approval.resolved_by,
+            "resolved_at": approval.resolved_at,
+        }
+        keys = [self.keys.run(approval.run_id), self.keys.approval(approval.run_id,
+                                                                  approval.approval_id)]
+        out = self._resolve(
+            keys=keys, args=[expected_version, approval.status, dumps(resolution), repr(now)]
+        )
+        return resolve_outcome(out[0], approval, out[1] if len(out) > 1 else None)
+
+    @_guarded
+    def delete_approval(self, approval_id: str) -> None:
+        out = self._delete_approval(keys=[self._approval_key(approval_id)])
+        if out == -3:
+            raise ApprovalNotFound(approval_id)
+        if out == -4:
+            raise ApprovalStillPending()
+        self._forget_approvals([approval_id])
+
+    # -- idempotency, retention ---------------------------------------------------------
+
+    @_guarded
+    def claim_idempotency_key(self, scope: str, key: str, value: dict[str, Any], ttl: int):
+        """Remember `value` for (scope, key) unless something is there; return what was there."""
+        name = self.keys.idempotency(scope, key)
+        if self.redis.set(name, dumps(value), nx=True, ex=ttl):
+            return None
+        existing = self.redis.get(name)
+        return json.loads(existing) if existing else None
+
+    @_guarded
+    def purge_finished(self, before: float) -> int:
+        """Drop index entries of runs finished before `before` (their keys expire by TTL)."""
+        ids = self.redis.zrangebyscore(self.keys.finished(), "-inf", before, start=0, num=1000)
+        if not ids:
+            return 0
+        pipe = self.redis.pipeline(transaction=False)
+        for run_id in ids:
+            pipe.hget(self.keys.run(run_id), "agent_id")
+        agents = pipe.execute()
+        pipe = self.redis.pipeline(transaction=False)
+        for run_id, agent_id in zip(ids, agents, strict=True):
+            if agent_id:
+                pipe.zrem(self.keys.agent_runs(agent_id), run_id)
+            pipe.zrem(self.keys.executing(), run_id)
+            pipe.zrem(self.keys.paused(), run_id)
+        pipe.zrem(self.keys.finished(), *ids)
+        pipe.execute()
+        return len(ids)
+
+    def close(self) -> None:
+        self.redis.connection_pool.disconnect()
+
+
+def _event(entry_id: str, fields: dict[str, str]) -> StoredEvent:
+    return StoredEvent(seq=int(entry_id.split("-", 1)[1]), data=json.loads(fields["e"]))
+
+

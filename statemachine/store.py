@@ -1,0 +1,217 @@
+"""The RunStore protocol and the records it stores.
+
+A store performs atomic compare-and-set commits on a run's version; it never decides whether
+a move is allowed (that is `machine.decide`). Every write to a run, state change or not, is
+one `Commit`: checked against the version the writer read, applied whole (state, document,
+events, approvals, lease) or not at all, and bumping the version by one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from statemachine.errors import (
+    ApprovalAlreadyResolved,
+    ApprovalNotFound,
+    RunNotFound,
+    StaleRun,
+)
+from statemachine.states import RunState
+
+APPROVAL_PENDING = "pending"
+APPROVAL_EXPIRED = "expired"
+
+
+@dataclass
+class StoredRun:
+    """A run as the store holds it: indexed columns, lifecycle fields and the JSON document."""
+
+    run_id: str
+    agent_id: str
+    session_id: str
+    user_id: str | None
+    state: RunState
+    version: int
+    created_at: float
+    updated_at: float
+    doc: dict[str, Any]
+    admin_pending: bool = False
+    pending_approvals: int = 0
+    last_seq: int = 0
+    lease_owner: str | None = None
+    lease_until: float | None = None
+    paused_at: float | None = None
+
+
+@dataclass
+class StoredEvent:
+    """One event of a run's log; `seq` is the run-scoped id (1, 2, 3 ...)."""
+
+    seq: int
+    data: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return str(self.data.get("event", ""))
+
+
+@dataclass
+class Approval:
+    """An admin approval: `doc` has the static fields; the rest is its resolution."""
+
+    approval_id: str
+    run_id: str
+    status: str
+    doc: dict[str, Any]
+    resolution_data: dict[str, Any] | None = None
+    resolved_by: str | None = None
+    resolved_at: int | None = None
+    updated_at: int | None = None
+
+
+@dataclass
+class Commit:
+    """One atomic write to a run, applied only if the run is still at `expected_version`.
+
+    `lease_owner`/`lease_until` and `paused_at` are always written: None clears them.
+    `approvals` are created pending (and count towards the admin guard); `expire_approvals`
+    names pending approvals of this run that stop being resolvable; `approval_ids` lists all
+    of the run's approvals (a final commit's `retain_seconds` applies to them too).
+    """
+
+    run_id: str
+    expected_version: int
+    state: RunState
+    doc: dict[str, Any]
+    now: float
+    events: list[dict[str, Any]] = field(default_factory=list)
+    approvals: list[Approval] = field(default_factory=list)
+    expire_approvals: list[str] = field(default_factory=list)
+    approval_ids: list[str] = field(default_factory=list)
+    lease_owner: str | None = None
+    lease_until: float | None = None
+    paused_at: float | None = None
+    retain_seconds: int | None = None
+
+
+@dataclass
+class CommitResult:
+    version: int
+    seqs: list[int]
+
+
+@dataclass
+class RunQuery:
+    """Filters and paging for listing runs, newest first."""
+
+    agent_id: str
+    session_id: str | None = None
+    user_id: str | None = None
+    states: frozenset[RunState] | None = None
+    limit: int = 100
+    offset: int = 0
+
+
+@dataclass
+class ApprovalQuery:
+    status: str | None = None
+    agent_id: str | None = None
+    user_id: str | None = None
+    run_id: str | None = None
+    session_id: str | None = None
+    limit: int = 20
+    offset: int = 0
+
+
+class RunStore(Protocol):
+    """What the runtime needs from a store; both implementations pass the same contract tests."""
+
+    def ping(self) -> None: ...
+
+    def create_run(self, run: StoredRun, events: list[dict[str, Any]]) -> CommitResult: ...
+
+    def get_run(self, run_id: str) -> StoredRun: ...
+
+    def commit(self, commit: Commit) -> CommitResult: ...
+
+    def read_events(self, run_id: str, after: int = 0, limit: int = 1000) -> list[StoredEvent]: ...
+
+    def wait_events(self, run_id: str, after: int, timeout: float) -> list[StoredEvent]: ...
+
+    def list_runs(self, query: RunQuery) -> list[StoredRun]: ...
+
+    def renew_leases(self, owner: str, run_ids: Iterable[str], until: float) -> None: ...
+
+    def runs_with_lapsed_lease(self, now: float, limit: int = 100) -> list[str]: ...
+
+    def runs_paused_before(self, before: float, limit: int = 100) -> list[str]: ...
+
+    def get_approval(self, approval_id: str) -> Approval: ...
+
+    def list_approvals(self, query: ApprovalQuery) -> tuple[list[Approval], int]: ...
+
+    def count_pending_approvals(self, user_id: str | None = None) -> int: ...
+
+    def resolve_approval(
+        self, approval: Approval, expected_version: int, now: float
+    ) -> CommitResult: ...
+
+    def delete_approval(self, approval_id: str) -> None: ...
+
+    def claim_idempotency_key(
+        self, scope: str, key: str, value: dict[str, Any], ttl: int
+    ) -> dict[str, Any] | None: ...
+
+    def purge_finished(self, before: float) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def run_matches(run: StoredRun, query: RunQuery) -> bool:
+    return (
+        (query.session_id is None or run.session_id == query.session_id)
+        and (query.user_id is None or run.user_id == query.user_id)
+        and (query.states is None or run.state in query.states)
+    )
+
+
+def approval_matches(approval: Approval, query: ApprovalQuery) -> bool:
+    doc = approval.doc
+    checks = (
+        (query.status, approval.status),
+        (query.agent_id, doc.get("agent_id")),
+        (query.user_id, doc.get("user_id")),
+        (query.run_id, doc.get("run_id")),
+        (query.session_id, doc.get("session_id")),
+    )
+    return all(wanted is None or wanted == actual for wanted, actual in checks)
+
+
+def lease_lapsed(run: StoredRun, now: float) -> bool:
+    return run.state.is_executing and run.lease_until is not None and run.lease_until <= now
+
+
+def paused_before(run: StoredRun, before: float) -> bool:
+    return run.state is RunState.PAUSED and run.paused_at is not None and run.paused_at <= before
+
+
+def resolve_outcome(code: int, approval: Approval, status: str | None) -> CommitResult:
+    """Turn a store's resolve outcome code (see `lua.py`) into a result or a domain error."""
+    code = int(code)
+    if code == -1:
+        raise RunNotFound(approval.run_id)
+    if code == -3:
+        raise ApprovalNotFound(approval.approval_id)
+    if code == -4:
+        raise ApprovalAlreadyResolved(str(status))
+    if code == -2:
+        raise StaleRun(approval.run_id)
+    return CommitResult(version=code, seqs=[])
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON, the one encoding every store writes."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
