@@ -1,0 +1,97 @@
+"""Fixtures: real stores (SQLite file, real Redis), the app, its client, live servers.
+
+Redis: `REDIS_URL` when set (each test gets its own key prefix, removed afterwards, so a
+shared server is never flushed); else a private redis-server started for the session; else
+the Redis tests skip with a loud reason, unless `REQUIRE_REDIS=1`, where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from app import create_app
+from statemachine.redis_store import RedisRunStore
+from statemachine.sqlite_store import SqliteRunStore
+from tests.servers import RedisServer
+
+STORE_KINDS = ["sqlite", "redis"]
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A Redis server for the whole session, or a skip (a failure when REQUIRE_REDIS=1)."""
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    try:
+        server = RedisServer().start()
+    except FileNotFoundError:
+        reason = "Redis tests SKIPPED: no REDIS_URL and no redis-server binary on PATH"
+        if os.environ.get("REQUIRE_REDIS") == "1":
+            pytest.fail(reason.replace("SKIPPED", "REQUIRED but unavailable"))
+        pytest.skip(reason)
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def _drop_prefix(url: str, prefix: str) -> None:
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        for start in range(0, len(keys), 500):
+            client.delete(*keys[start:start + 500])
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    prefix = f"agentos-test-{uuid.uuid4().hex[:12]}"
+    yield prefix
+    _drop_prefix(redis_url, prefix)
+
+
+def make_store(kind: str, request: pytest.FixtureRequest, tmp_path):
+    if kind == "sqlite":
+        return SqliteRunStore(str(tmp_path / "runs.db"))
+    url = request.getfixturevalue("redis_url")
+    prefix = request.getfixturevalue("redis_prefix")
+    return RedisRunStore(url, prefix=prefix)
+
+
+@pytest.fixture(params=STORE_KINDS)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def store(store_kind: str, request: pytest.FixtureRequest, tmp_path):
+    """Each store implementation in turn, fresh for the test."""
+    instance = make_store(store_kind, request, tmp_path)
+    yield instance
+    instance.close()
+
+
+@pytest.fixture
+def app_config() -> dict:
+    """Extra settings a test module may override."""
+    return {}
+
+
+@pytest.fixture
+def app(store, app_config: dict):
+    application = create_app({"STORE": store, **app_config})
+    yield application
+    application.extensions["agentos"].executor.shutdown(wait=True)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
