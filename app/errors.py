@@ -15,7 +15,7 @@ from werkzeug.exceptions import HTTPException
 
 from app.runtime.executor import ExecutorBusy
 from app.runtime.resolution import ToolInputError
-from app.runtime.service import AgentNotFound
+from app.runtime.service import AgentNotFound, IdempotencyMismatch
 from statemachine.errors import (
     ApprovalAlreadyResolved,
     ApprovalNotFound,
@@ -119,6 +119,9 @@ HANDLERS: list[tuple[type[BaseException], Any]] = [
     (ExecutorBusy, lambda e: error_response(
         503, "Every execution slot of this server is busy; retry later",
         headers={"Retry-After": "1"})),
+    (IdempotencyMismatch, lambda e: error_response(
+        422, "Idempotency-Key was already used with a different request",
+        errors={"Idempotency-Key": ["Already used with a different request."]})),
     (ValidationError, _validation),
     (HTTPException, _http),
     (Exception, _unexpected),

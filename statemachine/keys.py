@@ -52,6 +52,6 @@ class Keys:
         """Sorted set: run_id scored by finish time, for retention of the indexes."""
         return f"{self.prefix}:finished"
 
-    def idempotency(self, scope: str, key: str) -> str:
-        """String: the JSON outcome remembered for one Idempotency-Key in one scope."""
-        return f"{self.prefix}:idem:{{{scope}}}:{key}"
+    def idempotency(self, run_id: str, key: str) -> str:
+        """String: the JSON outcome remembered for one Idempotency-Key of the run."""
+        return f"{self.prefix}:run:{{{run_id}}}:idem:{key}"

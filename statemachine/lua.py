@@ -1,5 +1,9 @@
 """The Lua scripts of the Redis store. They compare and set; they never encode run rules.
 
+COMMIT's KEYS: run hash, events stream, idempotency key, new approvals, approvals to expire,
+approvals to retain. ARGV 1-14 are scalars (see `RedisRunStore.commit`), then event JSONs, then
+new approval documents.
+
 Return codes shared by the scripts: -1 run missing, -2 stale version, -3 approval missing,
 -4 approval not pending (its status follows), -5 run already exists.
 """
@@ -10,20 +14,21 @@ if not v then return {-1} end
 if tonumber(v) ~= tonumber(ARGV[1]) then return {-2} end
 local nev, nnew, nexp = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
 local nall = tonumber(ARGV[12])
+local E = 14
 local seq = tonumber(redis.call('HGET', KEYS[1], 'last_seq') or '0')
 local out = {tonumber(v) + 1}
 for i = 1, nev do
   seq = seq + 1
-  redis.call('XADD', KEYS[2], '0-' .. seq, 'e', ARGV[12 + i])
+  redis.call('XADD', KEYS[2], '0-' .. seq, 'e', ARGV[E + i])
   out[#out + 1] = seq
 end
 local pending = tonumber(redis.call('HGET', KEYS[1], 'pending_approvals') or '0')
 for i = 1, nnew do
-  redis.call('HSET', KEYS[2 + i], 'status', 'pending', 'doc', ARGV[12 + nev + i])
+  redis.call('HSET', KEYS[3 + i], 'status', 'pending', 'doc', ARGV[E + nev + i])
   pending = pending + 1
 end
 for i = 1, nexp do
-  local k = KEYS[2 + nnew + i]
+  local k = KEYS[3 + nnew + i]
   if redis.call('HGET', k, 'status') == 'pending' then
     redis.call('HSET', k, 'status', 'expired', 'updated_at', ARGV[4])
     pending = pending - 1
@@ -36,7 +41,10 @@ if ARGV[8] ~= '' then
   local ttl = tonumber(ARGV[8])
   redis.call('EXPIRE', KEYS[1], ttl)
   redis.call('EXPIRE', KEYS[2], ttl)
-  for i = 1, nall do redis.call('EXPIRE', KEYS[2 + nnew + nexp + i], ttl) end
+  for i = 1, nall do redis.call('EXPIRE', KEYS[3 + nnew + nexp + i], ttl) end
+end
+if ARGV[13] ~= '' then
+  redis.call('SET', KEYS[3], ARGV[13], 'EX', tonumber(ARGV[14]))
 end
 return out
 """

@@ -182,7 +182,9 @@ class RedisRunStore:
         """Apply `commit` atomically if the run is still at its expected version."""
         self._hint_commit(commit)
         rid = commit.run_id
-        keys = [self.keys.run(rid), self.keys.events(rid)]
+        remember = commit.remember
+        keys = [self.keys.run(rid), self.keys.events(rid),
+                self.keys.idempotency(rid, remember.key if remember else "-")]
         keys += [self.keys.approval(rid, a.approval_id) for a in commit.approvals]
         keys += [self.keys.approval(rid, a) for a in commit.expire_approvals]
         retained = commit.approval_ids if commit.retain_seconds else []
@@ -200,6 +202,8 @@ class RedisRunStore:
             len(commit.approvals),
             len(commit.expire_approvals),
             len(retained),
+            dumps(remember.value) if remember else "",
+            remember.ttl if remember else 0,
             *map(dumps, commit.events),
             *(dumps(a.doc) for a in commit.approvals),
         ]
@@ -215,8 +219,7 @@ class RedisRunStore:
         pipe = self.redis.pipeline(transaction=False)
         for approval in commit.approvals:
             pipe.hset(self.keys.approval_runs(), approval.approval_id, commit.run_id)
-            created = float(approval.doc.get("created_at") or commit.now)
-            pipe.zadd(self.keys.approvals_by_time(), {approval.approval_id: created})
+            pipe.zadd(self.keys.approvals_by_time(), {approval.approval_id: commit.now})
         if commit.retain_seconds is not None:
             pipe.zadd(self.keys.finished(), {commit.run_id: commit.now})
         pipe.execute()
@@ -387,13 +390,10 @@ class RedisRunStore:
     # -- idempotency, retention ---------------------------------------------------------
 
     @_guarded
-    def claim_idempotency_key(self, scope: str, key: str, value: dict[str, Any], ttl: int):
-        """Remember `value` for (scope, key) unless something is there; return what was there."""
-        name = self.keys.idempotency(scope, key)
-        if self.redis.set(name, dumps(value), nx=True, ex=ttl):
-            return None
-        existing = self.redis.get(name)
-        return json.loads(existing) if existing else None
+    def recall(self, run_id: str, key: str) -> dict[str, Any] | None:
+        """The outcome a commit remembered under (run, key), if it has not expired."""
+        value = self.redis.get(self.keys.idempotency(run_id, key))
+        return json.loads(value) if value else None
 
     @_guarded
     def purge_finished(self, before: float) -> int:

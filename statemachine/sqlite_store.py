@@ -244,6 +244,7 @@ class SqliteRunStore:
             pending = row["pending_approvals"] + self._insert_approvals(db, commit)
             pending -= self._expire_approvals(db, commit)
             seqs = self._append_events(db, commit.run_id, row["last_seq"], commit.events)
+            self._remember(db, commit)
             finished = commit.now if commit.retain_seconds is not None else None
             db.execute(
                 "UPDATE runs SET state = ?, version = version + 1, doc = ?, updated_at = ?, "
@@ -255,12 +256,23 @@ class SqliteRunStore:
         return CommitResult(version=commit.expected_version + 1, seqs=seqs)
 
     @staticmethod
+    def _remember(db: sqlite3.Connection, commit: Commit) -> None:
+        if commit.remember is None:
+            return
+        db.execute(
+            "INSERT OR REPLACE INTO idempotency (scope, key, value, expires_at) "
+            "VALUES (?, ?, ?, ?)",
+            (commit.run_id, commit.remember.key, dumps(commit.remember.value),
+             commit.now + commit.remember.ttl),
+        )
+
+    @staticmethod
     def _insert_approvals(db: sqlite3.Connection, commit: Commit) -> int:
         db.executemany(
             "INSERT INTO approvals (approval_id, run_id, status, doc, created_at) "
             "VALUES (?, ?, ?, ?, ?)",
             [(a.approval_id, commit.run_id, APPROVAL_PENDING, dumps(a.doc),
-              float(a.doc.get("created_at") or commit.now)) for a in commit.approvals],
+              commit.now) for a in commit.approvals],
         )
         return len(commit.approvals)
 
@@ -421,21 +433,13 @@ class SqliteRunStore:
     # -- idempotency, retention ---------------------------------------------------------
 
     @_guarded
-    def claim_idempotency_key(self, scope: str, key: str, value: dict[str, Any], ttl: int):
-        now = time.time()
-        with self._write() as db:
-            row = db.execute(
-                "SELECT value, expires_at FROM idempotency WHERE scope = ? AND key = ?",
-                (scope, key),
-            ).fetchone()
-            if row is not None and row["expires_at"] > now:
-                return json.loads(row["value"])
-            db.execute(
-                "INSERT OR REPLACE INTO idempotency (scope, key, value, expires_at) "
-                "VALUES (?, ?, ?, ?)",
-                (scope, key, dumps(value), now + ttl),
-            )
-        return None
+    def recall(self, run_id: str, key: str) -> dict[str, Any] | None:
+        """The outcome a commit remembered under (run, key), if it has not expired."""
+        row = self._read().execute(
+            "SELECT value FROM idempotency WHERE scope = ? AND key = ? AND expires_at > ?",
+            (run_id, key, time.time()),
+        ).fetchone()
+        return json.loads(row["value"]) if row else None
 
     @_guarded
     def purge_finished(self, before: float) -> int:

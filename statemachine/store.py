@@ -72,12 +72,22 @@ class Approval:
     updated_at: int | None = None
 
 
+@dataclass(frozen=True)
+class Remember:
+    """An outcome remembered under (run, key) in the same commit, for `ttl` seconds."""
+
+    key: str
+    value: dict[str, Any]
+    ttl: int
+
+
 @dataclass
 class Commit:
     """One atomic write to a run, applied only if the run is still at `expected_version`.
 
     `lease_owner`/`lease_until` and `paused_at` are always written: None clears them.
-    `approvals` are created pending (and count towards the admin guard); `expire_approvals`
+    `remember` stores an outcome under an idempotency key of the run, atomically with the
+    rest. `approvals` are created pending (and count towards the admin guard); `expire_approvals`
     names pending approvals of this run that stop being resolvable; `approval_ids` lists all
     of the run's approvals (a final commit's `retain_seconds` applies to them too).
     """
@@ -95,6 +105,7 @@ class Commit:
     lease_until: float | None = None
     paused_at: float | None = None
     retain_seconds: int | None = None
+    remember: Remember | None = None
 
 
 @dataclass
@@ -161,9 +172,7 @@ class RunStore(Protocol):
 
     def delete_approval(self, approval_id: str) -> None: ...
 
-    def claim_idempotency_key(
-        self, scope: str, key: str, value: dict[str, Any], ttl: int
-    ) -> dict[str, Any] | None: ...
+    def recall(self, run_id: str, key: str) -> dict[str, Any] | None: ...
 
     def purge_finished(self, before: float) -> int: ...
 

@@ -22,7 +22,15 @@ from app.runtime.session import Lifecycle, RunSession, commit_fields
 from statemachine.errors import ApprovalAlreadyResolved, RunNotFound, StaleRun
 from statemachine.machine import decide
 from statemachine.states import RunState, Trigger
-from statemachine.store import APPROVAL_PENDING, Approval, Commit, RunQuery, RunStore, StoredRun
+from statemachine.store import (
+    APPROVAL_PENDING,
+    Approval,
+    Commit,
+    Remember,
+    RunQuery,
+    RunStore,
+    StoredRun,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +42,19 @@ CANCELLED_BY_CLIENT = "cancelled by client"
 
 class AgentNotFound(Exception):
     """No agent with that id is served (HTTP 404 `Agent not found`)."""
+
+
+class IdempotencyMismatch(Exception):
+    """An Idempotency-Key reused with a different request (HTTP 422)."""
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    """A client's Idempotency-Key and the fingerprint of the request that carries it."""
+
+    key: str
+    fingerprint: str
+    ttl: int
 
 
 @dataclass(frozen=True)
@@ -126,29 +147,52 @@ class RunService:
 
     # -- continue -------------------------------------------------------------------------
 
-    def continue_run(self, access: RunAccess, tools: list[dict[str, Any]]) -> Started:
-        """PAUSED -> CONTINUED with the client's decisions, exactly once across processes."""
+    def continue_run(self, access: RunAccess, tools: list[dict[str, Any]],
+                     idempotency: Idempotency | None = None) -> Started:
+        """PAUSED -> CONTINUED with the client's decisions, exactly once across processes.
+
+        With an Idempotency-Key, the outcome is remembered in the same commit, and a retry
+        (even one that raced the first attempt and lost) gets the first attempt's stream.
+        """
         agent = self.agent(access.agent_id)
         for _ in range(CAS_ATTEMPTS):
             run = self.visible_run(access)
+            replay = self._replay(run.run_id, idempotency)
+            if replay is not None:
+                return replay
             decide(run.state, Trigger.CONTINUE, admin_pending=run.admin_pending)
             resolved, actions = resolve_pause(run.doc["tools"], tools, self._decided(run))
             doc = {**run.doc, "tools": resolved, APPLY_KEY: actions}
             try:
-                run = self._commit_continue(run, doc)
+                run = self._commit_continue(run, doc, idempotency)
             except StaleRun:
                 continue
             self._execute(agent, run)
             return Started(run.run_id, after=run.last_seq - 1)
         raise StaleRun(access.run_id)
 
-    def _commit_continue(self, run: StoredRun, doc: dict[str, Any]) -> StoredRun:
+    def _replay(self, run_id: str, idempotency: Idempotency | None) -> Started | None:
+        if idempotency is None:
+            return None
+        remembered = self.store.recall(run_id, idempotency.key)
+        if remembered is None:
+            return None
+        if remembered["fingerprint"] != idempotency.fingerprint:
+            raise IdempotencyMismatch(idempotency.key)
+        return Started(run_id, after=int(remembered["after"]))
+
+    def _commit_continue(self, run: StoredRun, doc: dict[str, Any],
+                         idempotency: Idempotency | None) -> StoredRun:
         now = time.time()
         doc["updated_at"] = int(now)
+        remember = None
+        if idempotency is not None:
+            remember = Remember(idempotency.key, {"fingerprint": idempotency.fingerprint,
+                                                  "after": run.last_seq}, idempotency.ttl)
         commit = Commit(run_id=run.run_id, expected_version=run.version,
                         state=RunState.CONTINUED, doc=doc, now=now,
                         events=[event(doc, "RunContinued")],
-                        approval_ids=doc.get("_approval_ids", []),
+                        approval_ids=doc.get("_approval_ids", []), remember=remember,
                         **commit_fields(RunState.CONTINUED, self.life, now))
         self.executor.reserve()
         try:

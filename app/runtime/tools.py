@@ -144,9 +144,9 @@ def tool(
     """Make a function a Tool; usable bare (`@tool`) or with flags (`@tool(...)`)."""
 
     def wrap(fn: Callable[..., Any]) -> Tool:
-        kinds = sum([requires_confirmation or requires_approval, external_execution,
-                     requires_user_input])
-        if kinds > 1 and not requires_approval:
+        # An approval may sit on top of any one kind; two kinds of their own conflict.
+        kinds = sum([requires_confirmation, external_execution, requires_user_input])
+        if kinds > 1:
             raise ValueError(f"tool {fn.__name__}: choose one pause kind")
         return Tool(
             name=name or fn.__name__,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -11,8 +12,9 @@ from app.auth import identity, requires
 from app.context import agentos
 from app.errors import ApiError
 from app.representation import run_object
-from app.runtime.service import RunAccess, Started
+from app.runtime.service import Idempotency, RunAccess, Started
 from app.schemas import (
+    MAX_ID_LENGTH,
     ContinueFormSchema,
     CreateRunFormSchema,
     EventsQuerySchema,
@@ -50,7 +52,8 @@ def create_run(agent_id: str) -> Response:
 def continue_run(agent_id: str, run_id: str) -> Response:
     form = CONTINUE_FORM.load(request.form)
     tools = parse_tools(form["tools"])
-    started = agentos().service.continue_run(access(agent_id, run_id, form), tools)
+    started = agentos().service.continue_run(access(agent_id, run_id, form), tools,
+                                             idempotency(form))
     return run_answer(agent_id, started, form["stream"])
 
 
@@ -97,6 +100,20 @@ def access(agent_id: str, run_id: str, form: dict[str, Any]) -> RunAccess:
     """Who may see the run: form/query filters plus the caller's ownership."""
     return RunAccess(agent_id=agent_id, run_id=run_id, session_id=form.get("session_id"),
                      user_id=form.get("user_id"), owner=identity().owner)
+
+
+def idempotency(form: dict[str, Any]) -> Idempotency | None:
+    """The request's Idempotency-Key with a fingerprint of everything the client sent."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    key = key.strip()
+    if not key or len(key) > MAX_ID_LENGTH or not key.isprintable():
+        raise ApiError(422, "Validation error", errors={
+            "Idempotency-Key": [f"Must be 1 to {MAX_ID_LENGTH} printable characters."]})
+    canonical = json.dumps(form, sort_keys=True, separators=(",", ":"))
+    fingerprint = hashlib.sha256(canonical.encode()).hexdigest()
+    return Idempotency(key, fingerprint, agentos().settings["IDEMPOTENCY_TTL_SECONDS"])
 
 
 def last_event_id(from_query: int | None) -> int:

@@ -1,0 +1,1 @@
+"""Examples of agent modules a deployment can serve with `AGENTOS_AGENTS`."""
