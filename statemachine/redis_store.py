@@ -147,7 +147,7 @@ class RedisRunStore:
     @_guarded
     def create_run(self, run: StoredRun, events: list[dict[str, Any]]) -> CommitResult:
         """Store a new run at version 1 with its first events; the id must be new."""
-        self.redis.zadd(self.keys.agent_runs(run.agent_id), {run.run_id: run.created_at})
+        self.redis.zadd(self.keys.agent_runs(run.agent_id), {run.run_id: run.created_at}, nx=True)
         self._hint_lifecycle(run.run_id, run.lease_until, run.paused_at)
         fields = {
             "run_id": run.run_id,
@@ -403,17 +403,20 @@ class RedisRunStore:
             return 0
         pipe = self.redis.pipeline(transaction=False)
         for run_id in ids:
-            pipe.hget(self.keys.run(run_id), "agent_id")
-        agents = pipe.execute()
-        pipe = self.redis.pipeline(transaction=False)
-        for run_id, agent_id in zip(ids, agents, strict=True):
+            pipe.hmget(self.keys.run(run_id), "agent_id", "state")
+        rows = pipe.execute()
+        pipe, purged = self.redis.pipeline(transaction=False), 0
+        for run_id, (agent_id, state) in zip(ids, rows, strict=True):
+            if state and not RunState(state).is_final:
+                continue  # the hint of a final commit that lost its compare-and-set
+            purged += 1
             if agent_id:
                 pipe.zrem(self.keys.agent_runs(agent_id), run_id)
             pipe.zrem(self.keys.executing(), run_id)
             pipe.zrem(self.keys.paused(), run_id)
         pipe.zrem(self.keys.finished(), *ids)
         pipe.execute()
-        return len(ids)
+        return purged
 
     def close(self) -> None:
         self.redis.connection_pool.disconnect()

@@ -408,7 +408,8 @@ class SqliteRunStore:
         if run is None:
             return -1, None
         row = db.execute(
-            "SELECT status FROM approvals WHERE approval_id = ?", (approval.approval_id,)
+            "SELECT status FROM approvals WHERE approval_id = ? AND run_id = ?",
+            (approval.approval_id, approval.run_id),
         ).fetchone()
         if row is None:
             return -3, None

@@ -41,6 +41,7 @@ class RedisServer:
     """A private redis-server on a free port, with no persistence."""
 
     port: int = field(default_factory=free_port)
+    persistent: bool = False
     process: subprocess.Popen | None = None
     workdir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="redis-test-"))
 
@@ -52,13 +53,21 @@ class RedisServer:
         binary = shutil.which("redis-server")
         if binary is None:
             raise FileNotFoundError("redis-server")
+        durability = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent \
+            else ["--appendonly", "no"]
         self.process = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.workdir],
+             *durability, "--dir", self.workdir],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_until(self._answers, 10, what="redis-server to answer")
         return self
+
+    def halt(self) -> None:
+        """Stop the server but keep its data directory (a persistent one restarts with it)."""
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
 
     def _answers(self) -> bool:
         try:
@@ -69,13 +78,11 @@ class RedisServer:
             return False
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        try:
+            self.halt()
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 

@@ -121,7 +121,8 @@ def finish(client, run: dict, **kwargs) -> dict:
 
 
 def resolve_approval(client, run: dict, status: str = "approved", headers=None) -> None:
-    approval_id = run["tools"][0]["approval_id"]
+    approval_id = next(t["approval_id"] for t in run["tools"]
+                       if t["approval_id"] and t["requires_confirmation"])
     response = client.post(f"/approvals/{approval_id}/resolve", json={"status": status},
                            headers=headers)
     assert response.status_code == 200, response.json
@@ -218,3 +219,236 @@ def test_tools_of_the_wrong_structure_are_a_400(client, tools, names):
     assert body["detail"].startswith(INVALID_TOOLS)
     assert names in body["detail"]
     finish(client, run)
+
+
+# -- 5 and 6: which agent, which run ----------------------------------------------------------
+
+
+def test_an_unknown_agent_is_a_404(client):
+    run = create(client, "confirm-agent")
+    refused(client, run, 404, "Agent not found", "NOT_FOUND", decided(run, confirmed=True),
+            agent_id="no-such-agent")
+    finish(client, run)
+
+
+@pytest.mark.parametrize("mismatch", [
+    {"agent_id": "external-agent"},
+    {"session_id": "another-session"},
+    {"user_id": "mallory"},
+], ids=["another-agents-path", "wrong-session", "wrong-user"])
+def test_a_run_that_does_not_match_is_not_found(client, mismatch):
+    run = create(client, "confirm-agent", user_id="alice", session_id="s-1")
+    refused(client, run, 404, "Run not found", "NOT_FOUND", decided(run, confirmed=True),
+            **mismatch)
+    finish(client, run, session_id="s-1", user_id="alice")
+
+
+def test_an_unknown_run_is_not_found(client):
+    unknown = {"agent_id": "confirm-agent", "run_id": "no-such-run"}
+    response = post_continue(client, unknown, [{"tool_call_id": "call_1_1", "confirmed": True}])
+    assert response.status_code == 404
+    assert response.json == {"detail": "Run not found", "error_code": "NOT_FOUND"}
+
+
+# -- 7: only a PAUSED run continues -----------------------------------------------------------
+
+
+def start_streaming(client, url: str, data: dict) -> str:
+    """POST with stream=true and hang up at once (the run goes on executing); the run id."""
+    response = client.post(url, data={**data, "stream": "true"})
+    assert response.status_code == 200
+    response.close()
+    return response.headers["Location"].split("?")[0].split("/")[-2]
+
+
+def running_run(client) -> dict:
+    run_id = start_streaming(client, "/agents/slow-agent/runs", {"message": "hi"})
+    return {"agent_id": "slow-agent", "run_id": run_id}
+
+
+def continued_run(client) -> dict:
+    run = create(client, "slow-agent")
+    start_streaming(client, f"/agents/slow-agent/runs/{run['run_id']}/continue",
+                    {"tools": json.dumps(decided(run, confirmed=True))})
+    return run
+
+
+def cancelled_run(client) -> dict:
+    run = create(client, "confirm-agent")
+    response = client.post(f"/agents/confirm-agent/runs/{run['run_id']}/cancel")
+    assert response.status_code == 200, response.json
+    return get_run(client, run)
+
+
+def errored_run(client) -> dict:
+    run = create(client, "broken-agent")
+    assert (run["status"], run["content"]) == ("ERROR", "model provider is down")
+    return run
+
+
+@pytest.mark.parametrize(("make_run", "word"), [(running_run, "running"),
+                                                (continued_run, "continued")],
+                         ids=["running", "continued"])
+def test_an_executing_run_is_a_409(client, make_run, word):
+    run = make_run(client)
+    response = post_continue(client, run, [{"tool_call_id": "call_1_1", "confirmed": True}])
+    assert response.status_code == 409
+    assert response.json == {"detail": f"run is already {word}", "error_code": "RUN_NOT_PAUSED",
+                             "status": "RUNNING"}
+
+
+@pytest.mark.parametrize(("make_run", "word", "wire"), [
+    (lambda client: create(client, "chat-agent"), "completed", "COMPLETED"),
+    (errored_run, "errored", "ERROR"),
+    (cancelled_run, "cancelled", "CANCELLED"),
+], ids=["completed", "errored", "cancelled"])
+def test_a_finished_run_is_a_409_and_stays_finished(client, make_run, word, wire):
+    run = make_run(client)
+    body = refused(client, run, 409, f"run is already {word}", "RUN_NOT_PAUSED",
+                   [{"tool_call_id": "call_1_1", "confirmed": True}])
+    assert body["status"] == wire
+
+
+# -- 8: a pending admin approval --------------------------------------------------------------
+
+
+def test_a_pending_approval_is_a_403_whatever_the_client_sends(client):
+    run = create(client, "approval-agent")
+    assert run["tools"][0]["approval_type"] == "required"
+    for tools in (None, "", decided(run, confirmed=True), decided(run, confirmed=False)):
+        body = refused(client, run, 403, WAITING_FOR_APPROVAL, "APPROVAL_PENDING", tools)
+        assert set(body) == {"detail", "error_code"}
+    resolve_approval(client, run, "rejected")
+    answer = post_continue(client, run, decided(run, confirmed=True))
+    assert answer.status_code == 200, answer.json
+    assert answer.json["content"] == "Not deployed: Rejected by an admin"
+
+
+# -- 9: the tools must resolve every paused call ----------------------------------------------
+
+
+@pytest.mark.parametrize(("agent_id", "make_tools", "detail"), [
+    ("confirm-agent", lambda run: [{"tool_call_id": "nope", "confirmed": True}],
+     "Tool call nope is not part of this run"),
+    ("confirm-agent", lambda run: decided(run),
+     "Tool call call_1_1 (send_email) requires confirmed true or false"),
+    ("confirm-agent", lambda run: [{"tool_call_id": "call_1_1"}],
+     "Tool call call_1_1 (send_email) requires confirmed true or false"),
+    ("external-agent", lambda run: decided(run),
+     "Tool call call_1_1 (get_weather) requires a result from external execution"),
+    ("input-agent", lambda run: decided(run),
+     "Tool call call_1_1 (book_flight) requires a value for passenger"),
+    ("input-agent", lambda run: decided(run, user_input_schema=[{"name": "passenger"}]),
+     "Tool call call_1_1 (book_flight) requires a value for passenger"),
+    ("confirm-agent", lambda run: "", "tools is required: the run is waiting for 1 tool call(s)"),
+    ("confirm-agent", lambda run: [], "tools is required: the run is waiting for 1 tool call(s)"),
+    ("external-agent", lambda run: None,
+     "tools is required: the run is waiting for 1 tool call(s)"),
+], ids=["unknown-id", "confirmation-null", "confirmation-absent", "external-no-result",
+        "user-input-missing", "user-input-no-value", "empty-string", "empty-list", "absent"])
+def test_unresolved_tools_are_a_400_naming_the_call(client, agent_id, make_tools, detail):
+    run = create(client, agent_id)
+    refused(client, run, 400, detail, "BAD_REQUEST", make_tools(run))
+    finish(client, run)
+
+
+# -- transport details ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded",
+                                          "multipart/form-data"])
+def test_both_form_encodings_are_accepted(client, content_type):
+    run = create(client, "confirm-agent")
+    response = client.post(f"/agents/confirm-agent/runs/{run['run_id']}/continue",
+                           content_type=content_type,
+                           data={"tools": json.dumps(decided(run, confirmed=True)),
+                                 "stream": "false"})
+    assert response.request.content_type.startswith(content_type)
+    assert response.status_code == 200, response.json
+    assert response.json["content"] == ANSWERS["confirm-agent"]
+
+
+def test_a_trailing_slash_is_tolerated(client):
+    run = create(client, "confirm-agent")
+    response = client.post(f"/agents/confirm-agent/runs/{run['run_id']}/continue/",
+                           data={"tools": json.dumps(decided(run, confirmed=True)),
+                                 "stream": "false"})
+    assert response.status_code == 200, response.json
+    assert response.json["content"] == ANSWERS["confirm-agent"]
+
+
+# -- each pause kind through HTTP -------------------------------------------------------------
+
+
+def test_a_confirmed_call_is_executed(client):
+    run = create(client, "confirm-agent")
+    assert run["content"] == "I have tools to execute, but I need confirmation."
+    tool = finish(client, run)["tools"][0]
+    assert (tool["confirmed"], tool["requires_confirmation"], tool["tool_call_error"]) == (
+        True, False, False)
+    assert tool["result"] == "sent to a@example.com"
+    assert set(tool["metrics"]) == {"start_time", "end_time", "duration"}
+
+
+@pytest.mark.parametrize(("note", "answer"), [
+    ("not today", "Not sent: not today"),
+    (None, "Not sent: Function call was rejected by the user"),
+], ids=["with-note", "without-note"])
+def test_a_rejected_call_is_not_executed(client, note, answer):
+    run = create(client, "confirm-agent")
+    response = post_continue(client, run, decided(run, confirmed=False, confirmation_note=note))
+    assert response.status_code == 200, response.json
+    done = response.json
+    assert (done["status"], done["content"]) == ("COMPLETED", answer)
+    tool = done["tools"][0]
+    assert (tool["confirmed"], tool["tool_call_error"], tool["result"]) == (False, True, None)
+    tool_message = next(m for m in done["messages"] if m["role"] == "tool")
+    assert tool_message["content"] == answer.removeprefix("Not sent: ")
+    assert tool_message["tool_call_error"] is True
+
+
+def test_an_external_result_is_given_to_the_model(client):
+    run = create(client, "external-agent", message="Oslo")
+    assert run["content"] == "I have tools to execute, but it needs external execution."
+    response = post_continue(client, run, decided(run, result="snow, -3 C"))
+    assert response.status_code == 200, response.json
+    assert response.json["content"] == "Weather: snow, -3 C"
+    tool = response.json["tools"][0]
+    assert (tool["result"], tool["external_execution_required"]) == ("snow, -3 C", False)
+
+
+def test_user_input_is_merged_into_the_arguments(client):
+    run = create(client, "input-agent")
+    assert run["content"] == "I have tools to execute, but I need user input."
+    assert run["tools"][0]["user_input_schema"] == [
+        {"name": "passenger", "field_type": "str", "description": None, "value": None}]
+    tool = finish(client, run)["tools"][0]
+    assert tool["tool_args"] == {"destination": "Paris", "passenger": "Alice"}
+    assert (tool["answered"], tool["requires_user_input"]) == (True, False)
+    assert tool["result"] == "Alice to Paris"
+
+
+def test_a_continue_can_lead_to_a_second_pause(client):
+    run = create(client, "multi-agent")
+    email, weather = run["tools"]
+    refused(client, run, 400, "tools is required: the run is waiting for 2 tool call(s)",
+            "BAD_REQUEST", "")
+    refused(client, run, 400,
+            "Tool call call_1_2 (get_weather) requires a result from external execution",
+            "BAD_REQUEST", [dict(email, confirmed=True)])
+    response = post_continue(client, run, [dict(email, confirmed=True),
+                                           dict(weather, result="rain")])
+    assert response.status_code == 200, response.json
+    paused = response.json
+    assert (paused["status"], paused["content"]) == (
+        "PAUSED", "I have tools to execute, but I need confirmation.")
+    waiting = [t for t in paused["tools"] if t["requires_confirmation"]]
+    assert [(t["tool_call_id"], t["tool_name"]) for t in waiting] == [("call_2_1", "deploy_app")]
+    refused(client, paused, 403, WAITING_FOR_APPROVAL, "APPROVAL_PENDING", "")
+    resolve_approval(client, paused)
+    refused(client, paused, 400, "Tool call call_1_1 (send_email) is not waiting for input",
+            "BAD_REQUEST", [dict(email, confirmed=True)])
+    done = post_continue(client, paused, "")
+    assert done.status_code == 200, done.json
+    assert (done.json["status"], done.json["content"]) == ("COMPLETED", "All done")
+    assert done.json["tools"][2]["result"] == "deployed Paris"

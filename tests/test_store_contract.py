@@ -25,6 +25,7 @@ from statemachine.store import (
     ApprovalQuery,
     Commit,
     CommitResult,
+    Remember,
     RunQuery,
     StoredRun,
 )
@@ -87,11 +88,13 @@ def approval(run: StoredRun, approval_id: str | None = None, created_at: float |
     return Approval(approval_id=approval_id, run_id=run.run_id, status="pending", doc=doc)
 
 
-def paused_with_approvals(store, count: int = 1, **run_fields) -> tuple[StoredRun, list[str]]:
-    """A run paused by a commit that creates `count` pending approvals."""
+def paused_with_approvals(store, count: int = 1, now: float | None = None,
+                          **run_fields) -> tuple[StoredRun, list[str]]:
+    """A run paused by a commit (at `now`) that creates `count` pending approvals."""
+    now = time.time() if now is None else now
     run = create(store, new_run(**run_fields))
-    approvals = [approval(run, created_at=run.created_at + i) for i in range(count)]
-    advance(store, run, PAUSED, ev("RunPaused"), approvals=approvals, paused_at=time.time())
+    approvals = [approval(run, created_at=now) for _ in range(count)]
+    advance(store, run, PAUSED, ev("RunPaused"), approvals=approvals, now=now, paused_at=now)
     return store.get_run(run.run_id), [a.approval_id for a in approvals]
 
 
@@ -145,12 +148,15 @@ def test_create_run_starts_at_version_one(store):
 
 
 def test_create_run_with_a_taken_id_is_stale_and_changes_nothing(store):
-    first = create(store, new_run("r1"), ev("RunStarted"))
-    duplicate = new_run("r1", session_id="other", state=PAUSED)
+    t0 = time.time()
+    first = create(store, new_run("r1", created_at=t0), ev("RunStarted"))
+    create(store, new_run("r2", created_at=t0 + 1))
+    duplicate = new_run("r1", session_id="other", state=PAUSED, created_at=t0 + 2)
     with pytest.raises(StaleRun):
         store.create_run(duplicate, [ev("Intruder"), ev("Intruder")])
     assert store.get_run("r1") == first
     assert [e.name for e in store.read_events("r1")] == ["RunStarted"]
+    assert listed(store) == ["r2", "r1"]
 
 
 def test_get_run_of_an_unknown_run(store):
@@ -304,7 +310,7 @@ def test_a_commit_creates_pending_approvals(store):
     assert (run.state, run.admin_pending, run.pending_approvals) == (PAUSED, True, 2)
     got = store.get_approval(first)
     assert (got.approval_id, got.run_id, got.status) == (first, run.run_id, "pending")
-    assert got.doc == approval(run, first, created_at=run.created_at).doc
+    assert got.doc == approval(run, first, created_at=got.doc["created_at"]).doc
     assert (got.resolution_data, got.resolved_by, got.resolved_at) == (None, None, None)
     assert store.get_approval(second).status == "pending"
     with pytest.raises(ApprovalNotFound):
@@ -312,19 +318,22 @@ def test_a_commit_creates_pending_approvals(store):
 
 
 def test_list_and_count_approvals(store):
-    a_run, a_ids = paused_with_approvals(store, 2, user_id="u1", session_id="s1")
-    b_run, b_ids = paused_with_approvals(store, 1, user_id="u2", session_id="s2",
-                                         agent_id="agent-b", created_at=time.time() + 10)
-    resolve(store, a_ids[0])
-    newest_first = [b_ids[0], a_ids[1], a_ids[0]]
-    assert approvals_listed(store) == (newest_first, 3)
-    assert approvals_listed(store, status="pending") == ([b_ids[0], a_ids[1]], 2)
-    assert approvals_listed(store, status="approved") == ([a_ids[0]], 1)
-    assert approvals_listed(store, user_id="u1") == ([a_ids[1], a_ids[0]], 2)
-    assert approvals_listed(store, agent_id="agent-b") == (b_ids, 1)
-    assert approvals_listed(store, run_id=a_run.run_id) == ([a_ids[1], a_ids[0]], 2)
-    assert approvals_listed(store, session_id="s2") == (b_ids, 1)
-    assert approvals_listed(store, limit=1, offset=1) == ([a_ids[1]], 3)
+    """Approvals list newest first (by the commit that created them), filtered and paged."""
+    t0 = time.time()
+    first, (a1,) = paused_with_approvals(store, now=t0, user_id="u1", session_id="s1")
+    _, (a2,) = paused_with_approvals(store, now=t0 + 1, user_id="u1", session_id="s1")
+    _, (b1,) = paused_with_approvals(store, now=t0 + 2, user_id="u2", session_id="s2",
+                                     agent_id="agent-b")
+    resolve(store, a1)
+    assert approvals_listed(store) == ([b1, a2, a1], 3)
+    assert approvals_listed(store, status="pending") == ([b1, a2], 2)
+    assert approvals_listed(store, status="approved") == ([a1], 1)
+    assert approvals_listed(store, user_id="u1") == ([a2, a1], 2)
+    assert approvals_listed(store, agent_id="agent-b") == ([b1], 1)
+    assert approvals_listed(store, run_id=first.run_id) == ([a1], 1)
+    assert approvals_listed(store, session_id="s2") == ([b1], 1)
+    assert approvals_listed(store, user_id="u1", status="pending") == ([a2], 1)
+    assert approvals_listed(store, limit=1, offset=1) == ([a2], 3)
     assert approvals_listed(store, offset=3) == ([], 3)
     assert store.count_pending_approvals() == 2
     assert store.count_pending_approvals(user_id="u1") == 1
@@ -373,6 +382,18 @@ def test_resolve_an_unknown_approval_or_run(store):
     orphan.run_id = "ghost"
     with pytest.raises(RunNotFound):
         store.resolve_approval(orphan, run.version, time.time())
+
+
+def test_resolve_an_approval_through_another_run(store):
+    run, (approval_id,) = paused_with_approvals(store)
+    other = create(store)
+    stray = resolved(store, approval_id)
+    stray.run_id = other.run_id
+    with pytest.raises(ApprovalNotFound):
+        store.resolve_approval(stray, other.version, time.time())
+    assert store.get_run(other.run_id) == other
+    assert store.get_run(run.run_id) == run
+    assert store.get_approval(approval_id).status == "pending"
 
 
 def test_delete_approval(store):
@@ -447,18 +468,32 @@ def test_runs_paused_before(store):
 # -- idempotency, retention ---------------------------------------------------------------
 
 
-def test_claim_idempotency_key(store):
-    assert store.claim_idempotency_key("agent-a", "k1", {"run_id": "r1"}, 60) is None
-    assert store.claim_idempotency_key("agent-a", "k1", {"run_id": "r2"}, 60) == {"run_id": "r1"}
-    assert store.claim_idempotency_key("agent-b", "k1", {"run_id": "r3"}, 60) is None
-    assert store.claim_idempotency_key("agent-a", "k2", {"run_id": "r4"}, 60) is None
+def test_a_commit_remembers_an_outcome(store):
+    run = create(store, new_run(state=PAUSED))
+    assert store.recall(run.run_id, "k1") is None
+    advance(store, run, CONTINUED, remember=Remember("k1", {"after": 3}, 60))
+    assert store.recall(run.run_id, "k1") == {"after": 3}
+    assert store.recall(run.run_id, "k2") is None
+    assert store.recall("other-run", "k1") is None
 
 
-def test_idempotency_key_expires(store):
-    assert store.claim_idempotency_key("s", "k", {"n": 1}, 1) is None
-    wait_until(lambda: store.claim_idempotency_key("s", "k", {"n": 2}, 60) is None, 5,
-               interval=0.1, what="the idempotency key to expire")
-    assert store.claim_idempotency_key("s", "k", {"n": 3}, 60) == {"n": 2}
+def test_a_stale_commit_remembers_nothing(store):
+    run = create(store, new_run(state=PAUSED))
+    advance(store, run, CONTINUED, remember=Remember("k1", {"winner": True}, 60))
+    with pytest.raises(StaleRun):
+        advance(store, run, CONTINUED, remember=Remember("k1", {"winner": False}, 60))
+    with pytest.raises(StaleRun):
+        advance(store, run, CONTINUED, remember=Remember("k2", {"winner": False}, 60))
+    assert store.recall(run.run_id, "k1") == {"winner": True}
+    assert store.recall(run.run_id, "k2") is None
+
+
+def test_a_remembered_outcome_expires(store):
+    run = create(store, new_run(state=PAUSED))
+    advance(store, run, CONTINUED, remember=Remember("k1", {"after": 1}, 1))
+    assert store.recall(run.run_id, "k1") == {"after": 1}
+    wait_until(lambda: store.recall(run.run_id, "k1") is None, 5, interval=0.1,
+               what="the remembered outcome to expire")
 
 
 def test_purge_finished(store, store_kind):
@@ -479,6 +514,17 @@ def test_purge_finished(store, store_kind):
     else:
         assert_deleted(store, run.run_id, approval_id)
     assert store.get_run(alive.run_id).state is PAUSED
+
+
+def test_purge_keeps_a_run_whose_final_commit_lost(store):
+    run = create(store, new_run(state=PAUSED, paused_at=time.time()))
+    advance(store, run, CONTINUED, lease_owner="w1", lease_until=time.time() + 60)
+    with pytest.raises(StaleRun):
+        advance(store, run, CANCELLED, ev("RunCancelled"), retain_seconds=60)
+    store.purge_finished(time.time() + 3600)
+    assert listed(store) == [run.run_id]
+    assert store.get_run(run.run_id).state is CONTINUED
+    assert store.runs_with_lapsed_lease(time.time() + 120) == [run.run_id]
 
 
 def assert_expiring(store: RedisRunStore, run_id: str, approval_id: str, alive_id: str):
