@@ -15,6 +15,7 @@ from statemachine.states import WIRE_STATUSES
 MAX_ID_LENGTH = 255
 MAX_MESSAGE_LENGTH = 100_000
 MAX_TOOLS_LENGTH = 512 * 1024
+MAX_JSON_DEPTH = 32
 TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
 FALSE_WORDS = frozenset({"false", "0", "no", "off"})
 
@@ -42,6 +43,26 @@ class StrictBool(fields.Boolean):
         if not isinstance(value, bool):
             raise self.make_error("invalid", input=value)
         return value
+
+
+def json_depth(value: Any) -> int:
+    """How deeply lists and objects nest in `value` (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            depth += 1
+            deepest = max(deepest, depth)
+            if depth > MAX_JSON_DEPTH:
+                break
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth) for child in children)
+    return deepest
+
+
+def _shallow(value: Any) -> None:
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise ValidationError(f"Nesting deeper than {MAX_JSON_DEPTH} levels.")
 
 
 def _id(**kwargs: Any) -> fields.String:
@@ -137,7 +158,7 @@ class ResolveApprovalSchema(Schema):
         unknown = EXCLUDE
 
     status = fields.String(required=True, validate=validate.OneOf(["approved", "rejected"]))
-    resolution_data = fields.Dict(allow_none=True, load_default=None)
+    resolution_data = fields.Dict(allow_none=True, load_default=None, validate=_shallow)
 
     @validates_schema(pass_original=True)
     def _object_body(self, data: dict[str, Any], original: Any, **kwargs: Any) -> None:

@@ -140,10 +140,9 @@ def _load(base: str, paused: list[dict], stop: threading.Event, statuses: Counte
     step = 0
     while not stop.is_set():
         step += 1
-        run = paused[step % len(paused)]
+        run_url = f"{base}/agents/confirm-agent/runs/{paused[step % len(paused)]['run_id']}"
         calls = [
-            lambda: session.get(f"{base}/agents/confirm-agent/runs/{run['run_id']}",
-                                timeout=10),
+            lambda: session.get(run_url, timeout=10),  # noqa: B023 - called at once
             lambda: session.post(f"{base}/agents/chat-agent/runs",
                                  data={"message": "x", "stream": "false"}, timeout=10),
             lambda: session.get(f"{base}/health?deep=1", timeout=10),

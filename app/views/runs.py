@@ -15,12 +15,14 @@ from app.representation import run_object
 from app.runtime.service import Idempotency, RunAccess, Started
 from app.schemas import (
     MAX_ID_LENGTH,
+    MAX_JSON_DEPTH,
     ContinueFormSchema,
     CreateRunFormSchema,
     EventsQuerySchema,
     GetRunQuerySchema,
     ListRunsQuerySchema,
     ToolInputSchema,
+    json_depth,
 )
 from app.sse import HEADERS, MIMETYPE, follow, sse_body
 from statemachine.states import states_for_wire_status
@@ -137,10 +139,14 @@ def parse_tools(raw: str) -> list[dict[str, Any]]:
         return []
     try:
         value = json.loads(raw)
-    except (ValueError, RecursionError):
+    except ValueError:
         raise ApiError(400, "Invalid JSON in tools field") from None
+    except RecursionError:
+        raise _bad_tools(f"nesting deeper than {MAX_JSON_DEPTH} levels") from None
     if not isinstance(value, list):
         raise _bad_tools("tools must be a JSON array of tool objects")
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise _bad_tools(f"nesting deeper than {MAX_JSON_DEPTH} levels")
     if len(value) > TOOL_LIST_LIMIT:
         raise _bad_tools(f"at most {TOOL_LIST_LIMIT} tool objects are accepted")
     return [_tool_input(index, item) for index, item in enumerate(value)]
