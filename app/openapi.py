@@ -254,8 +254,8 @@ def _paths() -> dict[str, dict[str, Any]]:
 
 
 _OUTPUT_SCHEMAS = {
-    "Run": schemas.RunSchema,
     "ToolExecution": schemas.ToolExecutionSchema,
+    "Run": schemas.RunSchema,
     "Approval": schemas.ApprovalSchema,
     "ApprovalPage": schemas.ApprovalPageSchema,
     "ApprovalStatus": schemas.ApprovalStatusSchema,

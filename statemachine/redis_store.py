@@ -180,7 +180,8 @@ class RedisRunStore:
     @_guarded
     def commit(self, commit: Commit) -> CommitResult:
         """Apply `commit` atomically if the run is still at its expected version."""
-        self._hint_commit(commit)
+        if commit.reindex:
+            self._hint_commit(commit)
         rid = commit.run_id
         remember = commit.remember
         keys = [self.keys.run(rid), self.keys.events(rid),
@@ -222,16 +223,15 @@ class RedisRunStore:
             pipe.zadd(self.keys.approvals_by_time(), {approval.approval_id: commit.now})
         if commit.retain_seconds is not None:
             pipe.zadd(self.keys.finished(), {commit.run_id: commit.now})
+        self._hint_lifecycle(pipe, commit.run_id, commit.lease_until, commit.paused_at)
         pipe.execute()
-        self._hint_lifecycle(commit.run_id, commit.lease_until, commit.paused_at)
 
-    def _hint_lifecycle(self, run_id: str, lease_until: float | None, paused_at: float | None):
-        pipe = self.redis.pipeline(transaction=False)
+    def _hint_lifecycle(self, pipe: Any, run_id: str, lease_until: float | None,
+                        paused_at: float | None) -> None:
         if lease_until is not None:
             pipe.zadd(self.keys.executing(), {run_id: lease_until})
         if paused_at is not None:
             pipe.zadd(self.keys.paused(), {run_id: paused_at})
-        pipe.execute()
 
     @_guarded
     def read_events(self, run_id: str, after: int = 0, limit: int = 1000) -> list[StoredEvent]:

@@ -86,8 +86,9 @@ class Commit:
     """One atomic write to a run, applied only if the run is still at `expected_version`.
 
     `lease_owner`/`lease_until` and `paused_at` are always written: None clears them.
-    `remember` stores an outcome under an idempotency key of the run, atomically with the
-    rest. `approvals` are created pending (and count towards the admin guard); `expire_approvals`
+    `reindex` False skips the Redis index hints (a checkpoint within one executing state: the
+    lease renewal keeps that index fresh). `remember` stores an outcome under an idempotency
+    key of the run, atomically with the rest. `approvals` are created pending (and count towards the admin guard); `expire_approvals`
     names pending approvals of this run that stop being resolvable; `approval_ids` lists all
     of the run's approvals (a final commit's `retain_seconds` applies to them too).
     """
@@ -106,6 +107,7 @@ class Commit:
     paused_at: float | None = None
     retain_seconds: int | None = None
     remember: Remember | None = None
+    reindex: bool = True
 
 
 @dataclass

@@ -116,6 +116,8 @@ class Workers:
         ]
         for process in self.processes:
             process.start()
+
+    def wait_ready(self) -> None:
         for _ in self.processes:
             assert self.results.get(timeout=WAIT) == ("ready", None)
 
@@ -146,8 +148,11 @@ class Workers:
 @pytest.fixture
 def workers(spec):
     started = Workers(spec)
-    yield started
-    started.stop()
+    try:
+        started.wait_ready()
+        yield started
+    finally:
+        started.stop()
 
 
 def paused_runs(store, count: int) -> list[str]:

@@ -78,11 +78,11 @@ def advance(store, run: StoredRun, state: RunState, *events: dict, **fields) -> 
                                events=list(events), **fields))
 
 
-def approval(run: StoredRun, approval_id: str | None = None, created_at: float | None = None,
-             user_id: str | None = None) -> Approval:
+def approval(run: StoredRun, approval_id: str | None = None,
+             created_at: float | None = None) -> Approval:
     approval_id = approval_id or uuid.uuid4().hex
     doc = {"id": approval_id, "run_id": run.run_id, "session_id": run.session_id,
-           "agent_id": run.agent_id, "user_id": user_id or run.user_id,
+           "agent_id": run.agent_id, "user_id": run.user_id,
            "approval_type": "required", "tool_name": "send",
            "created_at": int(created_at or time.time())}
     return Approval(approval_id=approval_id, run_id=run.run_id, status="pending", doc=doc)

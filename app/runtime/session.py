@@ -86,6 +86,7 @@ class RunSession:
             approvals=approvals or [],
             expire_approvals=expire_approvals or [],
             approval_ids=self.doc["_approval_ids"],
+            reindex=trigger is not Trigger.CHECKPOINT,
             **commit_fields(state, self.life, now),
         )
         try:
