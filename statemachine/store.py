@@ -86,11 +86,12 @@ class Commit:
     """One atomic write to a run, applied only if the run is still at `expected_version`.
 
     `lease_owner`/`lease_until` and `paused_at` are always written: None clears them.
-    `reindex` False skips the Redis index hints (a checkpoint within one executing state: the
-    lease renewal keeps that index fresh). `remember` stores an outcome under an idempotency
-    key of the run, atomically with the rest. `approvals` are created pending (and count towards the admin guard); `expire_approvals`
+    `approvals` are created pending (and count towards the admin guard); `expire_approvals`
     names pending approvals of this run that stop being resolvable; `approval_ids` lists all
     of the run's approvals (a final commit's `retain_seconds` applies to them too).
+    `remember` stores an outcome under an idempotency key of the run, atomically with the
+    rest. `reindex` False skips the Redis index hints: a checkpoint within one executing
+    state, whose index entry the lease renewal keeps fresh.
     """
 
     run_id: str
