@@ -97,12 +97,31 @@ def _form_body(schema_name: str) -> dict[str, Any]:
                         "multipart/form-data": {"schema": ref}}}
 
 
+# One server-sent event (the schema of an event stream describes each of its events).
+_EVENT_STREAM = {
+    "schema": {"$ref": "#/components/schemas/ServerSentEvent"},
+    "example": {"id": "7", "event": "RunContent",
+                "data": '{"created_at": 1757348314, "event": "RunContent", "run_id": "123..."}'},
+}
+
+_SERVER_SENT_EVENT = {
+    "properties": {
+        "id": {"type": "string", "pattern": "^[1-9][0-9]*$",
+               "description": "Run-scoped sequence number (resume with Last-Event-ID)"},
+        "event": {"type": "string", "description": "Event name, also in `data`"},
+        "data": {"type": "string", "contentMediaType": "application/json",
+                 "description": "The event as compact JSON on one line"},
+    },
+    "type": "object",
+    "required": ["id", "event", "data"],
+    "title": "ServerSentEvent",
+}
+
+
 def _stream_or_run(description: str) -> dict[str, Any]:
     return {"description": description, "content": {
         "application/json": {"schema": {"$ref": "#/components/schemas/Run"}},
-        "text/event-stream": {"schema": {"type": "string"}, "example":
-                              'event: RunContent\ndata: {"created_at": 1757348314, '
-                              '"run_id": "123..."}\n\n'},
+        "text/event-stream": _EVENT_STREAM,
     }}
 
 
@@ -223,7 +242,7 @@ def _paths() -> dict[str, dict[str, Any]]:
         "/agents/{agent_id}/runs/{run_id}/events": {"get": _op(
             "get_agent_run_events", "Resume a run's event stream", "Agents",
             {200: {"description": "The run's events after Last-Event-ID", "content": {
-                "text/event-stream": {"schema": {"type": "string"}}}},
+                "text/event-stream": _EVENT_STREAM}},
              **_errors(401, 403, 404, 422, 503)},
             params=run_params + _query_params(schemas.EventsQuerySchema) + [
                 {"name": "Last-Event-ID", "in": "header", "required": False,
@@ -278,6 +297,7 @@ def build_openapi() -> dict[str, Any]:
         spec.components.schema(name, schema=schema)
     spec.components.schema("Body_continue_agent_run", _BODY_CONTINUE)
     spec.components.schema("Body_create_agent_run", _BODY_CREATE)
+    spec.components.schema("ServerSentEvent", _SERVER_SENT_EVENT)
     for name, (detail, code) in _ERRORS.items():
         spec.components.schema(name, _error_schema(name, detail, code))
     for path, operations in _paths().items():

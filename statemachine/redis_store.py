@@ -147,8 +147,10 @@ class RedisRunStore:
     @_guarded
     def create_run(self, run: StoredRun, events: list[dict[str, Any]]) -> CommitResult:
         """Store a new run at version 1 with its first events; the id must be new."""
-        self.redis.zadd(self.keys.agent_runs(run.agent_id), {run.run_id: run.created_at}, nx=True)
-        self._hint_lifecycle(run.run_id, run.lease_until, run.paused_at)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(self.keys.agent_runs(run.agent_id), {run.run_id: run.created_at}, nx=True)
+        self._hint_lifecycle(pipe, run.run_id, run.lease_until, run.paused_at)
+        pipe.execute()
         fields = {
             "run_id": run.run_id,
             "agent_id": run.agent_id,
