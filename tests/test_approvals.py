@@ -320,9 +320,21 @@ def test_pending_approval_cannot_be_deleted(client, paused, tool_log):
     assert tool_log() == []
 
 
+def test_resolved_approval_waits_for_its_continue_before_it_can_be_deleted(client, paused):
+    approval_id = approval_id_of(paused)
+    assert resolve(client, approval_id, "rejected").status_code == 200
+    assert_error(client.delete(f"/approvals/{approval_id}"), 409,
+                 "Approval is resolved but its run has not been continued yet and cannot be "
+                 "deleted", "CONFLICT")
+    done = continue_run(client, paused, None)
+    assert done.status_code == 200
+    assert done.json["content"] == "Not deployed: Rejected by an admin"
+
+
 def test_resolved_approval_can_be_deleted(client, paused):
     approval_id = approval_id_of(paused)
     assert resolve(client, approval_id, "rejected").status_code == 200
+    assert continue_run(client, paused, None).status_code == 200
     answer = client.delete(f"/approvals/{approval_id}")
     assert answer.status_code == 204
     assert answer.data == b""

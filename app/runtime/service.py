@@ -320,6 +320,26 @@ class RunService:
             return self.store.get_approval(approval_id)
         raise StaleRun(approval_id)
 
+    def delete_approval(self, approval_id: str) -> None:
+        """Delete a resolved approval, unless its paused run has yet to apply the decision."""
+        approval = self.store.get_approval(approval_id)
+        if approval.status != APPROVAL_PENDING and self._awaits_continue(approval):
+            raise ApprovalAwaitingContinue(approval_id)
+        self.store.delete_approval(approval_id)
+
+    def _awaits_continue(self, approval: Approval) -> bool:
+        try:
+            run = self.store.get_run(approval.run_id)
+        except RunNotFound:
+            return False
+        return run.state is RunState.PAUSED and any(
+            obj.get("approval_id") == approval.approval_id
+            for obj in waiting_calls(run.doc["tools"]))
+
+
+class ApprovalAwaitingContinue(Exception):
+    """A resolved approval whose decision the paused run has not applied yet (HTTP 409)."""
+
 
 def _visible(run: StoredRun, access: RunAccess) -> bool:
     checks = (

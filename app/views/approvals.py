@@ -71,7 +71,7 @@ def resolve_approval(approval_id: str) -> Response:
 @requires("approvals:write", approver=True)
 def delete_approval(approval_id: str) -> Response:
     _visible(approval_id)
-    agentos().store.delete_approval(approval_id)
+    agentos().service.delete_approval(approval_id)
     return Response(status=204)
 
 
