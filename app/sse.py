@@ -46,9 +46,17 @@ def follow(
     """
     deadline = time.monotonic() + max_seconds
     quiet_since = time.monotonic()
+    wait_slice = min(_WAIT_SLICE, ping_seconds)
     while time.monotonic() < deadline:
-        events = store.read_events(run_id, after) or store.wait_events(
-            run_id, after, min(_WAIT_SLICE, max(0.0, deadline - time.monotonic())))
+        events = store.read_events(run_id, after)
+        if not events:
+            if not current_state(run_id).is_executing:
+                events = store.read_events(run_id, after)  # a last commit may have landed
+                if not events:
+                    return
+            else:
+                remaining = max(0.0, deadline - time.monotonic())
+                events = store.wait_events(run_id, after, min(wait_slice, remaining))
         for event in events:
             yield event
             after = event.seq
@@ -56,10 +64,7 @@ def follow(
                 return
         if events:
             quiet_since = time.monotonic()
-            continue
-        if not current_state(run_id).is_executing and not store.read_events(run_id, after):
-            return
-        if time.monotonic() - quiet_since >= ping_seconds:
+        elif time.monotonic() - quiet_since >= ping_seconds:
             quiet_since = time.monotonic()
             yield None
 

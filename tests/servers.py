@@ -111,7 +111,11 @@ class Gunicorn:
             cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        wait_until(self._healthy, timeout, what=f"gunicorn on {self.url} (log {self.log_path})")
+        try:
+            wait_until(self._healthy, timeout, what=f"gunicorn on {self.url}")
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def _healthy(self) -> bool:

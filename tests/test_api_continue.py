@@ -8,6 +8,7 @@ leaves the run exactly as it was (a correct continue then succeeds).
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from app.runtime.models.scripted import PlannedCall, ScriptedModel
 
 KEY = "continue-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-SLOW_MS = 400
+HOLD_SECONDS = 10
 WAITING_FOR_APPROVAL = "This run requires admin approval before it can be continued"
 INVALID_TOOLS = "Invalid structure or content for tools: "
 
@@ -37,32 +38,47 @@ ANSWERS = {
 }
 
 
-def _email_then_done(messages: list[dict[str, Any]]) -> str | list[PlannedCall]:
-    if any(m["role"] == "tool" for m in messages):
-        return "Done"
-    return [PlannedCall("send_email", {"to": "a@example.com", "subject": "slow"})]
+def _held(gate: threading.Event):
+    """send_email, then "Done"; every model turn first waits for `gate` (bounded)."""
+
+    def script(messages: list[dict[str, Any]]) -> str | list[PlannedCall]:
+        assert gate.wait(HOLD_SECONDS), "the test never opened the gate"
+        if any(m["role"] == "tool" for m in messages):
+            return "Done"
+        return [PlannedCall("send_email", {"to": "a@example.com", "subject": "held"})]
+
+    return script
 
 
 def _provider_down(messages: list[dict[str, Any]]) -> str:
     raise ModelError("model provider is down")
 
 
-def test_agents() -> list[Agent]:
-    """The demo agents, a slow one (every model turn takes SLOW_MS) and a broken one."""
+def continue_agents(gate: threading.Event) -> list[Agent]:
+    """The demo agents, one whose model turns wait for `gate`, and one that always fails."""
     return [
         *demo_agents(),
-        Agent(id="slow-agent", model=ScriptedModel(_email_then_done, latency_ms=SLOW_MS),
-              tools=[send_email]),
+        Agent(id="held-agent", model=ScriptedModel(_held(gate)), tools=[send_email]),
         Agent(id="broken-agent", model=ScriptedModel(_provider_down), tools=[]),
     ]
 
 
-test_agents.__test__ = False  # a factory, not a test
+@pytest.fixture
+def gate() -> threading.Event:
+    """Closed at first: held-agent's model turns wait until the test opens it."""
+    return threading.Event()
 
 
 @pytest.fixture
-def app_config() -> dict:
-    return {"AGENTS": test_agents()}
+def app_config(gate: threading.Event) -> dict:
+    return {"AGENTS": continue_agents(gate)}
+
+
+@pytest.fixture
+def held(gate: threading.Event, app):
+    """The gate, opened when the test ends, so held runs finish before the app stops."""
+    yield gate
+    gate.set()
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -97,14 +113,19 @@ def decided(run: dict, **decision: Any) -> list[dict]:
     return [dict(run["tools"][0], **decision)]
 
 
-def refused(client, run: dict, status: int, detail: str | None, code: str, tools: Any = None,
+def refused(client, run: dict, status: int, detail: str, code: str, tools: Any = None,
             *, get_headers=None, **kwargs) -> dict:
-    """A continue refused with this answer (any `detail` when None); the run is unchanged."""
+    """A continue refused with this answer, and the run exactly as it was before.
+
+    A `detail` ending in ": " is a prefix: the contract leaves what follows it free.
+    """
     before = get_run(client, run, headers=get_headers)
     response = post_continue(client, run, tools, **kwargs)
     body = response.json
     assert (response.status_code, body["error_code"]) == (status, code), body
-    if detail is not None:
+    if detail.endswith(": "):
+        assert body["detail"].startswith(detail), body
+    else:
         assert body["detail"] == detail
     assert get_run(client, run, headers=get_headers) == before
     return body
@@ -160,7 +181,7 @@ def test_each_check_answers_before_the_next(client):
          dict(tools="{not json", stream="maybe", agent_id="no-such-agent", **other_session)),
         (400, "Invalid JSON in tools field", "BAD_REQUEST",
          dict(tools="{not json", agent_id="no-such-agent", **other_session)),
-        (400, INVALID_TOOLS + "tools must be a JSON array of tool objects", "BAD_REQUEST",
+        (400, INVALID_TOOLS, "BAD_REQUEST",
          dict(tools="{}", agent_id="no-such-agent", **other_session)),
         (404, "Agent not found", "NOT_FOUND",
          dict(tools=[{"tool_call_id": "unknown"}], agent_id="no-such-agent", **other_session)),
@@ -215,8 +236,7 @@ def test_tools_that_are_not_json_are_a_400(client):
         "confirmed-as-string", "schema-not-a-list"])
 def test_tools_of_the_wrong_structure_are_a_400(client, tools, names):
     run = create(client, "confirm-agent")
-    body = refused(client, run, 400, None, "BAD_REQUEST", tools)
-    assert body["detail"].startswith(INVALID_TOOLS)
+    body = refused(client, run, 400, INVALID_TOOLS, "BAD_REQUEST", tools)
     assert names in body["detail"]
     finish(client, run)
 
@@ -261,14 +281,18 @@ def start_streaming(client, url: str, data: dict) -> str:
     return response.headers["Location"].split("?")[0].split("/")[-2]
 
 
-def running_run(client) -> dict:
-    run_id = start_streaming(client, "/agents/slow-agent/runs", {"message": "hi"})
-    return {"agent_id": "slow-agent", "run_id": run_id}
+def running_run(client, gate: threading.Event) -> dict:
+    """A run whose first model turn is held (the gate stays closed): RUNNING."""
+    run_id = start_streaming(client, "/agents/held-agent/runs", {"message": "hi"})
+    return {"agent_id": "held-agent", "run_id": run_id}
 
 
-def continued_run(client) -> dict:
-    run = create(client, "slow-agent")
-    start_streaming(client, f"/agents/slow-agent/runs/{run['run_id']}/continue",
+def continued_run(client, gate: threading.Event) -> dict:
+    """A run that paused freely, then was continued into a held model turn: CONTINUED."""
+    gate.set()
+    run = create(client, "held-agent")
+    gate.clear()
+    start_streaming(client, f"/agents/held-agent/runs/{run['run_id']}/continue",
                     {"tools": json.dumps(decided(run, confirmed=True))})
     return run
 
@@ -289,8 +313,8 @@ def errored_run(client) -> dict:
 @pytest.mark.parametrize(("make_run", "word"), [(running_run, "running"),
                                                 (continued_run, "continued")],
                          ids=["running", "continued"])
-def test_an_executing_run_is_a_409(client, make_run, word):
-    run = make_run(client)
+def test_an_executing_run_is_a_409(client, held, make_run, word):
+    run = make_run(client, held)
     response = post_continue(client, run, [{"tool_call_id": "call_1_1", "confirmed": True}])
     assert response.status_code == 409
     assert response.json == {"detail": f"run is already {word}", "error_code": "RUN_NOT_PAUSED",
