@@ -31,7 +31,6 @@ from statemachine.store import APPROVAL_PENDING, Approval
 log = logging.getLogger(__name__)
 
 APPLY_KEY = "_apply"
-TERMINAL_EVENTS = frozenset({"RunPaused", "RunCompleted", "RunError", "RunCancelled"})
 
 
 def execute(session: RunSession) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from app.runtime.agent import Agent
@@ -75,13 +75,12 @@ class RunAccess:
     owner: str | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Started:
     """A run committed to execute; its stream starts after event `after`."""
 
     run_id: str
     after: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class RunService:
@@ -350,5 +349,3 @@ def _visible(run: StoredRun, access: RunAccess) -> bool:
     )
     return all(wanted is None or wanted == actual for wanted, actual in checks)
 
-
-__all__ = ["APPROVAL_PENDING", "AgentNotFound", "RunAccess", "RunService", "Settings", "Started"]

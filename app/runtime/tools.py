@@ -6,7 +6,7 @@ import contextvars
 import inspect
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 CONFIRMATION = "confirmation"
@@ -59,8 +59,6 @@ class Tool:
     requires_user_input: bool = False
     user_input_fields: tuple[str, ...] = ()
     requires_approval: bool = False
-    stop_after_tool_call: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def pause_kind(self) -> str | None:

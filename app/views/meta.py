@@ -11,7 +11,6 @@ from app.auth import requires
 from app.context import agentos
 from app.errors import error_response
 from app.openapi import VERSION, build_openapi
-from app.runtime.service import AgentNotFound
 from statemachine.errors import StoreUnavailable
 
 bp = Blueprint("meta", __name__)
@@ -75,5 +74,3 @@ def docs() -> Response:
 def docs_assets(name: str) -> Response:
     return send_from_directory(swagger_ui_bundle.swagger_ui_path, name, max_age=86400)
 
-
-__all__ = ["AgentNotFound", "bp"]
