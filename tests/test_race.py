@@ -3,7 +3,9 @@
 Each round, 16 threads of this process and 4 worker processes (each with its own store
 connection) are released together by one barrier onto the same PAUSED run. Every contender
 reads the run, asks the machine, and commits with the version it read; a loser of the
-compare-and-set re-reads and must then be refused by the machine.
+compare-and-set re-reads and must then be refused by the machine. Odd rounds are lockstep:
+a second barrier holds everyone until all have read, so all 20 commit on the same version and
+the compare-and-set alone must pick the winner.
 """
 
 from __future__ import annotations
@@ -59,21 +61,31 @@ def try_continue(store, run: StoredRun) -> str:
     return WON
 
 
-def contend(store, run_id: str) -> tuple[str, bool]:
-    """The outcome of one contender, and whether it lost a compare-and-set on the way."""
-    first = try_continue(store, store.get_run(run_id))
+def contend(store, run_id: str, lockstep=None) -> tuple[str, bool]:
+    """The outcome of one contender, and whether it lost a compare-and-set on the way.
+
+    With a `lockstep` barrier, wait after reading until every contender has read.
+    """
+    run = store.get_run(run_id)
+    if lockstep is not None:
+        lockstep.wait(WAIT)
+    first = try_continue(store, run)
     if first != STALE:
         return first, False
     return try_continue(store, store.get_run(run_id)), True
 
 
+def is_lockstep(round_: int) -> bool:
+    return round_ % 2 == 1
+
+
 def race_all(store, run_ids: list[str], barrier) -> list[tuple[str, bool]]:
     """Contend in every round, starting each round together with all other contenders."""
     outcomes = []
-    for run_id in run_ids:
+    for round_, run_id in enumerate(run_ids):
         barrier.wait(WAIT)
         try:
-            outcomes.append(contend(store, run_id))
+            outcomes.append(contend(store, run_id, barrier if is_lockstep(round_) else None))
         except Exception as exc:  # reported to the test as a wrong outcome
             outcomes.append((repr(exc), False))
     return outcomes
@@ -182,13 +194,12 @@ def test_exactly_one_continue_wins_each_round(store, workers):
         per_contender = [f.result(timeout=WAIT * 2) for f in threads] + workers.outcomes()
     rounds = list(zip(*per_contender, strict=True))
     assert len(rounds) == ROUNDS
-    wrong = {run_id: Counter(result for result, _ in outcomes)
-             for run_id, outcomes in zip(run_ids, rounds, strict=True)
-             if Counter(result for result, _ in outcomes) != {WON: 1, REFUSED: CONTENDERS - 1}}
-    assert wrong == {}
+    results = [Counter(result for result, _ in outcomes) for outcomes in rounds]
+    assert [r for r in results if r != {WON: 1, REFUSED: CONTENDERS - 1}] == []
+    stale = [sum(lost for _, lost in outcomes) for outcomes in rounds]
+    lockstep = [n for round_, n in enumerate(stale) if is_lockstep(round_)]
+    assert lockstep == [CONTENDERS - 1] * (ROUNDS // 2)  # every loser lost at the CAS
     for run_id in run_ids:
         run = store.get_run(run_id)
         assert (run.state, run.version) == (RunState.CONTINUED, 2)
         assert [e.name for e in store.read_events(run_id)] == ["RunPaused", "RunContinued"]
-    lost_a_compare_and_set = sum(stale for outcomes in rounds for _, stale in outcomes)
-    assert lost_a_compare_and_set > 0  # the store's compare-and-set, not luck, decided
