@@ -17,6 +17,7 @@ from app.runtime.agent import Agent
 from app.runtime.demo import book_flight, demo_agents, deploy_app, get_weather, send_email
 from app.runtime.models.scripted import PlannedCall, ScriptedModel
 from statemachine.redis_store import RedisRunStore
+from tests.contract import TOOL_KEYS
 from tests.servers import free_port
 
 KEY = "runs-test-key"
@@ -24,13 +25,6 @@ RUN_KEYS = {
     "run_id", "agent_id", "agent_name", "session_id", "user_id", "status", "content",
     "content_type", "model", "model_provider", "created_at", "updated_at", "input", "messages",
     "tools", "events", "metrics", "session_state",
-}
-TOOL_KEYS = {
-    "tool_call_id", "tool_name", "tool_args", "tool_call_error", "result", "metrics",
-    "child_run_id", "stop_after_tool_call", "created_at", "requires_confirmation", "confirmed",
-    "confirmation_note", "requires_user_input", "user_input_schema", "user_feedback_schema",
-    "answered", "external_execution_required", "external_execution_silent", "approval_type",
-    "approval_id",
 }
 AGENT_TOOL_KEYS = {"name", "description", "parameters", "requires_confirmation",
                    "requires_user_input", "external_execution", "requires_approval"}

@@ -28,6 +28,7 @@ from app.runtime.tools import tool
 from statemachine.errors import ApprovalPending
 from statemachine.states import RunState
 from statemachine.store import StoredEvent, StoredRun
+from tests.contract import TOOL_KEYS
 from tests.servers import wait_until
 
 # --- the event grammar of section 8, with consecutive RunContent deltas folded into one ----
@@ -38,13 +39,6 @@ EXECUTED = ["ToolCallStarted", "ToolCallCompleted"]
 PAUSED = ["RunContentCompleted", "RunPaused"]
 COMPLETED = ["RunContentCompleted", "RunCompleted"]
 
-TOOL_KEYS = {
-    "tool_call_id", "tool_name", "tool_args", "tool_call_error", "result", "metrics",
-    "child_run_id", "stop_after_tool_call", "created_at", "requires_confirmation", "confirmed",
-    "confirmation_note", "requires_user_input", "user_input_schema", "user_feedback_schema",
-    "answered", "external_execution_required", "external_execution_silent", "approval_type",
-    "approval_id",
-}
 WAITING_FLAGS = ("requires_confirmation", "requires_user_input", "external_execution_required")
 PAUSE_SENTENCES = {
     ("confirm",): "I have tools to execute, but I need confirmation.",
