@@ -124,3 +124,11 @@ def test_finished_runs_are_purged_after_retention(client):
     wait_until(lambda: get_run(client, "chat-agent", run["run_id"]).status_code == 404,
                timeout=10, what="retention to purge the run")
     assert client.get("/agents/chat-agent/runs").json == []
+
+
+def test_a_quiet_stream_carries_pings(app, client, monkeypatch):
+    app.extensions["agentos"].settings["STREAM_PING_SECONDS"] = 0.2
+    monkeypatch.setenv("SCRIPTED_MODEL_LATENCY_MS", "700")
+    body = client.post("/agents/chat-agent/runs", data={"message": "slow"}).get_data(as_text=True)
+    assert ": ping\n\n" in body
+    assert sse_events(body)[-1][1] == "RunCompleted"
