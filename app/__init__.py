@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from flask import Flask
+from flask.json.provider import DefaultJSONProvider
 
 from app.config import load_settings
 from app.context import AgentOS
@@ -14,6 +15,7 @@ from app.errors import register_error_handlers
 from app.runtime.agent import Agent, load_agents
 from app.runtime.executor import RunExecutor
 from app.runtime.service import RunService, Settings
+from app.schemas import strict_json
 from statemachine.store import RunStore
 
 __all__ = ["create_app"]
@@ -30,6 +32,13 @@ class _TrailingSlashTolerant:
         if len(path) > 1 and path.endswith("/"):
             environ["PATH_INFO"] = path.rstrip("/") or "/"
         return self.wsgi_app(environ, start_response)
+
+
+class _StrictJSON(DefaultJSONProvider):
+    """Request bodies are standard JSON: NaN and Infinity make a body that is not JSON."""
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        return strict_json(s)
 
 
 def build_store(settings: dict[str, Any]) -> RunStore:
@@ -57,6 +66,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     config = dict(config or {})
     settings = load_settings({k: v for k, v in config.items() if k not in ("STORE", "AGENTS")})
     app = Flask(__name__)
+    app.json = _StrictJSON(app)
     app.config["AGENTOS"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings["MAX_CONTENT_LENGTH"]
     app.json.sort_keys = False

@@ -42,6 +42,8 @@ _STATUS_SCHEMAS = {
 }
 
 _NULLABLE_STRING = {"anyOf": [{"type": "string"}, {"type": "null"}]}
+_NULLABLE_ID = {"anyOf": [{"type": "string", "minLength": 1, "maxLength": schemas.MAX_ID_LENGTH},
+                          {"type": "null"}]}
 
 
 def _error_schema(name: str, detail: str, code: str) -> dict[str, Any]:
@@ -91,9 +93,10 @@ def _query_params(schema: type) -> list[dict[str, Any]]:
     return [{"in": "query", "schema": schema}]
 
 
-def _form_body(schema_name: str) -> dict[str, Any]:
+def _form_body(schema_name: str, required: bool = False) -> dict[str, Any]:
     ref = {"$ref": f"#/components/schemas/{schema_name}"}
-    return {"content": {"application/x-www-form-urlencoded": {"schema": ref},
+    return {"required": required,
+            "content": {"application/x-www-form-urlencoded": {"schema": ref},
                         "multipart/form-data": {"schema": ref}}}
 
 
@@ -118,6 +121,15 @@ _SERVER_SENT_EVENT = {
 }
 
 
+# What a client can do next with the run a create answered (as JSON, `stream=false`).
+_RUN_LINKS = {
+    operation: {"operationId": operation, "parameters": {
+        "agent_id": "$request.path.agent_id", "run_id": "$response.body#/run_id"}}
+    for operation in ("get_agent_run", "continue_agent_run", "cancel_agent_run",
+                      "get_agent_run_events")
+}
+
+
 def _stream_or_run(description: str) -> dict[str, Any]:
     return {"description": description, "content": {
         "application/json": {"schema": {"$ref": "#/components/schemas/Run"}},
@@ -136,9 +148,10 @@ CONTINUE_DESCRIPTION = (
 
 _BODY_CONTINUE = {
     "properties": {
-        "tools": {"type": "string", "title": "Tools", "default": ""},
-        "session_id": {**_NULLABLE_STRING, "title": "Session Id"},
-        "user_id": {**_NULLABLE_STRING, "title": "User Id"},
+        "tools": {"type": "string", "title": "Tools", "default": "",
+                  "maxLength": schemas.MAX_TOOLS_LENGTH},
+        "session_id": {**_NULLABLE_ID, "title": "Session Id"},
+        "user_id": {**_NULLABLE_ID, "title": "User Id"},
         "stream": {"type": "boolean", "title": "Stream", "default": True},
     },
     "type": "object",
@@ -147,10 +160,11 @@ _BODY_CONTINUE = {
 
 _BODY_CREATE = {
     "properties": {
-        "message": {"type": "string", "title": "Message", "minLength": 1},
+        "message": {"type": "string", "title": "Message", "minLength": 1,
+                    "maxLength": schemas.MAX_MESSAGE_LENGTH},
         "stream": {"type": "boolean", "title": "Stream", "default": True},
-        "session_id": {**_NULLABLE_STRING, "title": "Session Id"},
-        "user_id": {**_NULLABLE_STRING, "title": "User Id"},
+        "session_id": {**_NULLABLE_ID, "title": "Session Id"},
+        "user_id": {**_NULLABLE_ID, "title": "User Id"},
     },
     "type": "object",
     "required": ["message"],
@@ -220,9 +234,11 @@ def _paths() -> dict[str, dict[str, Any]]:
                                           params=_path_params("agent_id"))},
         "/agents/{agent_id}/runs": {
             "post": _op("create_agent_run", "Create Agent Run", "Agents",
-                        {200: _stream_or_run("The run, or its event stream"),
+                        {200: {**_stream_or_run("The run, or its event stream"),
+                               "links": _RUN_LINKS},
                          **_errors(401, 403, 404, 413, 422, 503)},
-                        params=_path_params("agent_id"), body=_form_body("Body_create_agent_run")),
+                        params=_path_params("agent_id"),
+                        body=_form_body("Body_create_agent_run", required=True)),
             "get": _op("get_agent_runs", "List Agent Runs", "Agents",
                        {200: _json_list("Run", "Runs, newest first"),
                         **_errors(401, 403, 404, 422, 503)},
@@ -246,7 +262,7 @@ def _paths() -> dict[str, dict[str, Any]]:
              **_errors(401, 403, 404, 422, 503)},
             params=run_params + _query_params(schemas.EventsQuerySchema) + [
                 {"name": "Last-Event-ID", "in": "header", "required": False,
-                 "schema": {"type": "string"}}])},
+                 "schema": {"type": "string", "pattern": "^[0-9]{0,15}$"}}])},
         "/approvals": {"get": _op("list_approvals", "List approvals", "Approvals",
                                   {200: _json("ApprovalPage"), **_errors(401, 403, 422, 503)},
                                   params=_query_params(schemas.ApprovalsQuerySchema))},

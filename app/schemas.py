@@ -6,6 +6,8 @@ Input schemas validate (422 with errors per field); output schemas describe our 
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Any
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
@@ -16,6 +18,7 @@ MAX_ID_LENGTH = 255
 MAX_MESSAGE_LENGTH = 100_000
 MAX_TOOLS_LENGTH = 512 * 1024
 MAX_JSON_DEPTH = 32
+MAX_EVENT_ID = 2**53 - 1  # an event id every JSON client reads exactly; fits both stores
 TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
 FALSE_WORDS = frozenset({"false", "0", "no", "off"})
 
@@ -58,6 +61,23 @@ def json_depth(value: Any) -> int:
             children = item.values() if isinstance(item, dict) else item
             stack.extend((child, depth) for child in children)
     return deepest
+
+
+def strict_json(text: str | bytes) -> Any:
+    """`json.loads` without Python's extensions: NaN, Infinity and numbers too large for a
+    float are not JSON (stored, they could never be answered as JSON again)."""
+    return json.loads(text, parse_constant=_not_json, parse_float=_finite_float)
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
 
 
 def _shallow(value: Any) -> None:
@@ -135,7 +155,8 @@ class GetRunQuerySchema(InputSchema):
 
 
 class EventsQuerySchema(InputSchema):
-    last_event_id = fields.Integer(load_default=None, validate=validate.Range(min=0))
+    last_event_id = fields.Integer(load_default=None,
+                                   validate=validate.Range(min=0, max=MAX_EVENT_ID))
 
 
 class ApprovalsQuerySchema(InputSchema):

@@ -10,6 +10,7 @@ on an approval replaces whatever the client sent for that call.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 from app.runtime.documents import REJECTED_BY_ADMIN, WAITING_FLAGS, waiting_calls, waiting_kind
@@ -88,7 +89,8 @@ def _apply_approval(obj: dict[str, Any], approval: Approval) -> None:
     kind = waiting_kind(obj)
     if approval.status != "approved":
         obj["confirmed"] = False
-        obj["confirmation_note"] = data.get("note") or REJECTED_BY_ADMIN
+        note = data.get("note")  # any JSON: the tool object's note is a string
+        obj["confirmation_note"] = REJECTED_BY_ADMIN if note in (None, "") else str(note)
         obj["_admin_rejected"] = True
         return
     obj["confirmed"] = True
@@ -141,7 +143,7 @@ def _settle_user_input(obj: dict[str, Any]) -> str:
 _COERCERS = {
     "str": lambda v: v if isinstance(v, str) else _scalar_text(v),
     "int": lambda v: int(v) if not isinstance(v, bool | float | list | dict) else _bad(),
-    "float": lambda v: float(v) if not isinstance(v, bool | list | dict) else _bad(),
+    "float": lambda v: _finite(float(v)) if not isinstance(v, bool | list | dict) else _bad(),
     "bool": lambda v: v if isinstance(v, bool) else _text_bool(v),
     "list": lambda v: v if isinstance(v, list) else _bad(),
     "dict": lambda v: v if isinstance(v, dict) else _bad(),
@@ -173,6 +175,12 @@ def _text_bool(value: Any) -> bool:
     if text in ("false", "0", "no", "off"):
         return False
     raise ValueError("not a boolean")
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("not a finite number")
+    return value
 
 
 def _bad() -> Any:

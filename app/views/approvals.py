@@ -5,16 +5,31 @@ from __future__ import annotations
 import math
 
 from flask import Blueprint, Response, jsonify, request
+from werkzeug.routing import BaseConverter
 
 from app.auth import identity, requires
 from app.context import agentos
 from app.errors import ApiError
 from app.representation import approval_object, approval_status
-from app.schemas import ApprovalCountQuerySchema, ApprovalsQuerySchema, ResolveApprovalSchema
+from app.schemas import (
+    MAX_JSON_DEPTH,
+    ApprovalCountQuerySchema,
+    ApprovalsQuerySchema,
+    ResolveApprovalSchema,
+)
 from statemachine.errors import ApprovalNotFound, RunNotFound
 from statemachine.store import Approval, ApprovalQuery
 
+
+class ApprovalIdConverter(BaseConverter):
+    """Any path segment but `count`: `/approvals/count` is served (and advertised) as itself."""
+
+    regex = r"(?!count(?:/|$))[^/]+"
+
+
 bp = Blueprint("approvals", __name__)
+bp.record_once(lambda state: state.app.url_map.converters.setdefault("approval_id",
+                                                                     ApprovalIdConverter))
 
 LIST_QUERY = ApprovalsQuerySchema()
 COUNT_QUERY = ApprovalCountQuerySchema()
@@ -45,19 +60,19 @@ def count_approvals() -> Response:
     return jsonify({"count": agentos().store.count_pending_approvals(user_id)})
 
 
-@bp.get("/approvals/<approval_id>")
+@bp.get("/approvals/<approval_id:approval_id>")
 @requires("approvals:read")
 def get_approval(approval_id: str) -> Response:
     return jsonify(_public(_visible(approval_id)))
 
 
-@bp.get("/approvals/<approval_id>/status")
+@bp.get("/approvals/<approval_id:approval_id>/status")
 @requires("approvals:read")
 def get_approval_status(approval_id: str) -> Response:
     return jsonify(approval_status(_visible(approval_id)))
 
 
-@bp.post("/approvals/<approval_id>/resolve")
+@bp.post("/approvals/<approval_id:approval_id>/resolve")
 @requires("approvals:write", approver=True)
 def resolve_approval(approval_id: str) -> Response:
     body = RESOLVE_BODY.load(_json_body())
@@ -67,7 +82,7 @@ def resolve_approval(approval_id: str) -> Response:
     return jsonify(_public(approval))
 
 
-@bp.delete("/approvals/<approval_id>")
+@bp.delete("/approvals/<approval_id:approval_id>")
 @requires("approvals:write", approver=True)
 def delete_approval(approval_id: str) -> Response:
     _visible(approval_id)
@@ -76,7 +91,11 @@ def delete_approval(approval_id: str) -> Response:
 
 
 def _json_body() -> object:
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:
+        raise ApiError(422, "Validation error", errors={
+            "_schema": [f"Nesting deeper than {MAX_JSON_DEPTH} levels."]}) from None
     if body is None:
         raise ApiError(422, "Validation error",
                        errors={"_schema": ["The body must be a JSON object."]})

@@ -14,6 +14,7 @@ from app.errors import ApiError
 from app.representation import run_object
 from app.runtime.service import Idempotency, RunAccess, Started
 from app.schemas import (
+    MAX_EVENT_ID,
     MAX_ID_LENGTH,
     MAX_JSON_DEPTH,
     ContinueFormSchema,
@@ -23,6 +24,7 @@ from app.schemas import (
     ListRunsQuerySchema,
     ToolInputSchema,
     json_depth,
+    strict_json,
 )
 from app.sse import HEADERS, MIMETYPE, follow, sse_body
 from statemachine.states import states_for_wire_status
@@ -127,9 +129,9 @@ def last_event_id(from_query: int | None) -> int:
     except ValueError:
         raise ApiError(422, "Validation error",
                        errors={"Last-Event-ID": ["Not a valid integer."]}) from None
-    if value < 0:
-        raise ApiError(422, "Validation error",
-                       errors={"Last-Event-ID": ["Must be greater than or equal to 0."]})
+    if not 0 <= value <= MAX_EVENT_ID:
+        raise ApiError(422, "Validation error", errors={"Last-Event-ID": [
+            f"Must be greater than or equal to 0 and less than or equal to {MAX_EVENT_ID}."]})
     return value
 
 
@@ -138,7 +140,7 @@ def parse_tools(raw: str) -> list[dict[str, Any]]:
     if not raw.strip():
         return []
     try:
-        value = json.loads(raw)
+        value = strict_json(raw)
     except ValueError:
         raise ApiError(400, "Invalid JSON in tools field") from None
     except RecursionError:
