@@ -10,6 +10,9 @@ worker_class = "gthread"
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "60"))
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "30"))
 keepalive = 5
+# The longest request line gunicorn accepts (its maximum): ids are bounded at 255 characters,
+# and a longer line is refused by gunicorn itself with a 414 before the app sees it.
+limit_request_line = 8190
 accesslog = os.environ.get("GUNICORN_ACCESSLOG") or None
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info")
