@@ -217,8 +217,10 @@ def _errors(*codes: int) -> dict[int, Any]:
 
 
 def _paths() -> dict[str, dict[str, Any]]:
-    run_params = _path_params("agent_id", "run_id")
-    approval = _path_params("approval_id")
+    return {**_meta_paths(), **_run_paths(), **_approval_paths()}
+
+
+def _meta_paths() -> dict[str, dict[str, Any]]:
     return {
         "/": {"get": _op("get_root", "API information", "Core",
                          {200: _json("Root")}, secure=False)},
@@ -232,6 +234,12 @@ def _paths() -> dict[str, dict[str, Any]]:
         "/agents/{agent_id}": {"get": _op("get_agent", "Get an agent", "Agents",
                                           {200: _json("Agent"), **_errors(401, 403, 404)},
                                           params=_path_params("agent_id"))},
+    }
+
+
+def _run_paths() -> dict[str, dict[str, Any]]:
+    run_params = _path_params("agent_id", "run_id")
+    return {
         "/agents/{agent_id}/runs": {
             "post": _op("create_agent_run", "Create Agent Run", "Agents",
                         {200: {**_stream_or_run("The run, or its event stream"),
@@ -263,6 +271,12 @@ def _paths() -> dict[str, dict[str, Any]]:
             params=run_params + _query_params(schemas.EventsQuerySchema) + [
                 {"name": "Last-Event-ID", "in": "header", "required": False,
                  "schema": {"type": "string", "pattern": "^[0-9]{0,15}$"}}])},
+    }
+
+
+def _approval_paths() -> dict[str, dict[str, Any]]:
+    approval = _path_params("approval_id")
+    return {
         "/approvals": {"get": _op("list_approvals", "List approvals", "Approvals",
                                   {200: _json("ApprovalPage"), **_errors(401, 403, 422, 503)},
                                   params=_query_params(schemas.ApprovalsQuerySchema))},
