@@ -241,6 +241,12 @@ def test_the_token_subject_overrides_the_user_id_field(client):
     assert run["user_id"] == "alice"
     assert get_approval(client, approval_id_of(run), BOSS)["user_id"] == "alice"
     assert client.get("/approvals/count?user_id=mallory", headers=BOSS).json == {"count": 0}
+    path = f"/agents/{run['agent_id']}/runs/{run['run_id']}"
+    resolve(client, approval_id_of(run), "approved", headers=BOSS)
+    done = client.post(f"{path}/continue", data={"stream": "false", "user_id": "mallory"},
+                       headers=ALICE)
+    assert done.status_code == 200, done.json
+    assert done.json["status"] == "COMPLETED"
 
 
 # -- credentials ----------------------------------------------------------------------------

@@ -101,9 +101,14 @@ def run_events(agent_id: str, run_id: str) -> Response:
 
 
 def access(agent_id: str, run_id: str, form: dict[str, Any]) -> RunAccess:
-    """Who may see the run: form/query filters plus the caller's ownership."""
+    """Who may see the run: form/query filters plus the caller's ownership.
+
+    A JWT user's `sub` overrides any `user_id` it sends: it sees exactly its own runs.
+    """
+    owner = identity().owner
+    user_id = None if owner is not None else form.get("user_id")
     return RunAccess(agent_id=agent_id, run_id=run_id, session_id=form.get("session_id"),
-                     user_id=form.get("user_id"), owner=identity().owner)
+                     user_id=user_id, owner=owner)
 
 
 def idempotency(form: dict[str, Any]) -> Idempotency | None:
