@@ -61,6 +61,21 @@ def _agents(settings: dict[str, Any], config: dict[str, Any]) -> dict[str, Agent
     return load_agents(settings["AGENTOS_AGENTS"])
 
 
+def _runtime(settings: dict[str, Any], config: dict[str, Any]) -> AgentOS:
+    """The store, the agents, the executor and the service that ties them together."""
+    store = config.get("STORE") or build_store(settings)
+    agents = _agents(settings, config)
+    executor = RunExecutor(store, max_runs=settings["MAX_RUNS_PER_PROCESS"],
+                           lease_seconds=settings["RUN_LEASE_SECONDS"],
+                           sweep_interval=settings["SWEEP_INTERVAL_SECONDS"])
+    service = RunService(store, agents, Settings(
+        lease_seconds=settings["RUN_LEASE_SECONDS"],
+        pause_ttl_seconds=settings["PAUSE_TTL_SECONDS"],
+        retain_seconds=settings["RUN_RETENTION_SECONDS"]), executor)
+    executor.sweep = service.sweep
+    return AgentOS(settings, store, agents, service, executor, datetime.now(UTC).isoformat())
+
+
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     """Defaults, then the environment, then `config` (tests pass STORE or AGENTS objects)."""
     config = dict(config or {})
@@ -70,20 +85,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.config["AGENTOS"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings["MAX_CONTENT_LENGTH"]
     app.json.sort_keys = False
-    store = config.get("STORE") or build_store(settings)
-    agents = _agents(settings, config)
-    service_box: list[RunService] = []
-    executor = RunExecutor(store, max_runs=settings["MAX_RUNS_PER_PROCESS"],
-                           lease_seconds=settings["RUN_LEASE_SECONDS"],
-                           sweep=lambda: service_box[0].sweep(),
-                           sweep_interval=settings["SWEEP_INTERVAL_SECONDS"])
-    service = RunService(store, agents, Settings(
-        lease_seconds=settings["RUN_LEASE_SECONDS"],
-        pause_ttl_seconds=settings["PAUSE_TTL_SECONDS"],
-        retain_seconds=settings["RUN_RETENTION_SECONDS"]), executor)
-    service_box.append(service)
-    app.extensions["agentos"] = AgentOS(settings, store, agents, service, executor,
-                                        datetime.now(UTC).isoformat())
+    app.extensions["agentos"] = _runtime(settings, config)
     _register(app)
     app.wsgi_app = _TrailingSlashTolerant(app.wsgi_app)  # type: ignore[method-assign]
     logging.getLogger("app").setLevel(logging.INFO)

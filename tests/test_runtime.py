@@ -130,7 +130,7 @@ def custom_agents() -> list[Agent]:
 @pytest.fixture
 def service(store) -> Iterator[RunService]:
     """A RunService with its own executor over the test's store, serving demo + custom agents."""
-    executor = RunExecutor(store, max_runs=4, lease_seconds=30, sweep=lambda: None,
+    executor = RunExecutor(store, max_runs=4, lease_seconds=30,
                            sweep_interval=60)
     agents = {agent.id: agent for agent in [*demo_agents(), *custom_agents()]}
     yield RunService(store, agents, Settings(), executor)

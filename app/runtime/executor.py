@@ -33,7 +33,10 @@ def new_owner_id() -> str:
 
 
 class RunExecutor:
-    """A bounded pool of run loops plus the lease-renewal and sweep thread."""
+    """A bounded pool of run loops plus the lease-renewal and sweep thread.
+
+    `sweep` is set by whoever owns the runs (the service) once it exists.
+    """
 
     def __init__(
         self,
@@ -41,13 +44,12 @@ class RunExecutor:
         *,
         max_runs: int,
         lease_seconds: float,
-        sweep: Callable[[], None],
         sweep_interval: float,
     ) -> None:
         self.store = store
         self.owner = new_owner_id()
         self.lease_seconds = lease_seconds
-        self._sweep = sweep
+        self.sweep: Callable[[], None] | None = None
         self._sweep_interval = sweep_interval
         self._slots = threading.BoundedSemaphore(max_runs)
         self._pool = ThreadPoolExecutor(max_workers=max_runs, thread_name_prefix="run")
@@ -103,9 +105,9 @@ class RunExecutor:
         next_sweep = 0.0
         while not self._stop.wait(min(renew_every, self._sweep_interval)):
             self._renew()
-            if time.monotonic() >= next_sweep:
+            if self.sweep is not None and time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + self._sweep_interval
-                self._safely(self._sweep)
+                self._safely(self.sweep)
 
     def _renew(self) -> None:
         ids = self.active()

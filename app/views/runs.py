@@ -97,7 +97,7 @@ def run_events(agent_id: str, run_id: str) -> Response:
     query = EVENTS_QUERY.load(request.args)
     after = last_event_id(query["last_event_id"])
     run = agentos().service.visible_run(access(agent_id, run_id, {}))
-    return stream_response(run.run_id, after)
+    return stream_response(agent_id, run.run_id, after)
 
 
 def access(agent_id: str, run_id: str, form: dict[str, Any]) -> RunAccess:
@@ -182,7 +182,7 @@ def _bad_tools(what: str) -> ApiError:
 def run_answer(agent_id: str, started: Started, stream: bool) -> Response:
     """The stream from the run's first new event, or the run object once it stops."""
     if stream:
-        return stream_response(started.run_id, started.after)
+        return stream_response(agent_id, started.run_id, started.after)
     for _ in _follow(started.run_id, started.after):
         pass
     os = agentos()
@@ -190,10 +190,9 @@ def run_answer(agent_id: str, started: Started, stream: bool) -> Response:
     return jsonify(run_object(run, os.store.read_events(run.run_id)))
 
 
-def stream_response(run_id: str, after: int) -> Response:
+def stream_response(agent_id: str, run_id: str, after: int) -> Response:
     """An SSE response; status and headers are fixed before the first event is read."""
-    run = agentos().store.get_run(run_id)
-    location = url_for("runs.run_events", agent_id=run.agent_id, run_id=run_id,
+    location = url_for("runs.run_events", agent_id=agent_id, run_id=run_id,
                        last_event_id=after)
     headers = {**HEADERS, "Location": location}
     return Response(sse_body(_follow(run_id, after)), status=200, content_type=MIMETYPE,
