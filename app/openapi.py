@@ -121,15 +121,6 @@ _SERVER_SENT_EVENT = {
 }
 
 
-# What a client can do next with the run a create answered (as JSON, `stream=false`).
-_RUN_LINKS = {
-    operation: {"operationId": operation, "parameters": {
-        "agent_id": "$request.path.agent_id", "run_id": "$response.body#/run_id"}}
-    for operation in ("get_agent_run", "continue_agent_run", "cancel_agent_run",
-                      "get_agent_run_events")
-}
-
-
 def _stream_or_run(description: str) -> dict[str, Any]:
     return {"description": description, "content": {
         "application/json": {"schema": {"$ref": "#/components/schemas/Run"}},
@@ -242,8 +233,7 @@ def _run_paths() -> dict[str, dict[str, Any]]:
     return {
         "/agents/{agent_id}/runs": {
             "post": _op("create_agent_run", "Create Agent Run", "Agents",
-                        {200: {**_stream_or_run("The run, or its event stream"),
-                               "links": _RUN_LINKS},
+                        {200: _stream_or_run("The run, or its event stream"),
                          **_errors(401, 403, 404, 413, 422, 503)},
                         params=_path_params("agent_id"),
                         body=_form_body("Body_create_agent_run", required=True)),

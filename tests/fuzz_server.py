@@ -77,7 +77,8 @@ def server_env(directory: str) -> dict[str, str]:
             "PAUSE_TTL_SECONDS": "", "DEMO_TOOL_LOG": "", "GUNICORN_ACCESSLOG": ""}
 
 
-def st_command(url: str, examples: int, seed: int, seconds: float | None) -> list[str]:
+def st_command(url: str, examples: int, seed: int, seconds: float | None,
+               phases: tuple[str, ...] | None = None) -> list[str]:
     command = [
         sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json",
         "--checks", "all",
@@ -92,18 +93,20 @@ def st_command(url: str, examples: int, seed: int, seconds: float | None) -> lis
     ]
     if seconds is not None:
         command += ["--max-time", str(max(1, int(seconds)))]
+    if phases:
+        command += ["--phases", ",".join(phases)]
     return command
 
 
 def fuzz(examples: int, seconds: float | None = None, seed: int = DEFAULT_SEED,
-         echo: bool = False) -> FuzzResult:
+         echo: bool = False, phases: tuple[str, ...] | None = None) -> FuzzResult:
     """Fuzz a fresh live server; the outcome, schemathesis' report and the server's errors."""
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="agentos-fuzz-") as directory:
         server = Gunicorn(env=server_env(directory), workers=2).start()
         try:
-            output, code = _run(st_command(server.url, examples, seed, seconds), server.url,
-                                echo, Path(directory))
+            output, code = _run(st_command(server.url, examples, seed, seconds, phases),
+                                server.url, echo, Path(directory))
         finally:
             log = server.log()
             server.stop()

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import requests
 
+from app.config import DEFAULTS
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -88,7 +90,11 @@ class RedisServer:
 
 @dataclass
 class Gunicorn:
-    """`gunicorn -c gunicorn.conf.py wsgi:app` with its own environment, on a free port."""
+    """`gunicorn -c gunicorn.conf.py wsgi:app` with its own environment, on a free port.
+
+    The server's settings come from `env` alone: none is inherited from the test process (a
+    CI's REDIS_URL must not turn an embedded-store server into one on the shared Redis).
+    """
 
     env: dict[str, str]
     workers: int = 2
@@ -103,7 +109,8 @@ class Gunicorn:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30) -> Gunicorn:
-        env = {**os.environ, **self.env, "HOST": "127.0.0.1", "PORT": str(self.port),
+        inherited = {k: v for k, v in os.environ.items() if k not in DEFAULTS}
+        env = {**inherited, **self.env, "HOST": "127.0.0.1", "PORT": str(self.port),
                "WEB_CONCURRENCY": str(self.workers), "GUNICORN_THREADS": str(self.threads)}
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
