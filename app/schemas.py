@@ -18,6 +18,7 @@ MAX_ID_LENGTH = 255
 MAX_MESSAGE_LENGTH = 100_000
 MAX_TOOLS_LENGTH = 512 * 1024
 MAX_JSON_DEPTH = 32
+TOO_DEEP = f"Nesting deeper than {MAX_JSON_DEPTH} levels."
 MAX_EVENT_ID = 2**53 - 1  # an event id every JSON client reads exactly; fits both stores
 TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
 FALSE_WORDS = frozenset({"false", "0", "no", "off"})
@@ -82,7 +83,7 @@ def _finite_float(text: str) -> float:
 
 def _shallow(value: Any) -> None:
     if json_depth(value) > MAX_JSON_DEPTH:
-        raise ValidationError(f"Nesting deeper than {MAX_JSON_DEPTH} levels.")
+        raise ValidationError(TOO_DEEP)
 
 
 def _id(**kwargs: Any) -> fields.String:

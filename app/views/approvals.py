@@ -12,7 +12,7 @@ from app.context import agentos
 from app.errors import ApiError
 from app.representation import approval_object, approval_status
 from app.schemas import (
-    MAX_JSON_DEPTH,
+    TOO_DEEP,
     ApprovalCountQuerySchema,
     ApprovalsQuerySchema,
     ResolveApprovalSchema,
@@ -95,7 +95,7 @@ def _json_body() -> object:
         body = request.get_json(silent=True)
     except RecursionError:
         raise ApiError(422, "Validation error", errors={
-            "_schema": [f"Nesting deeper than {MAX_JSON_DEPTH} levels."]}) from None
+            "_schema": [TOO_DEEP]}) from None
     if body is None:
         raise ApiError(422, "Validation error",
                        errors={"_schema": ["The body must be a JSON object."]})

@@ -149,11 +149,11 @@ def parse_tools(raw: str) -> list[dict[str, Any]]:
     except ValueError:
         raise ApiError(400, "Invalid JSON in tools field") from None
     except RecursionError:
-        raise _bad_tools(f"nesting deeper than {MAX_JSON_DEPTH} levels") from None
+        raise _too_deep() from None
     if not isinstance(value, list):
         raise _bad_tools("tools must be a JSON array of tool objects")
     if json_depth(value) > MAX_JSON_DEPTH:
-        raise _bad_tools(f"nesting deeper than {MAX_JSON_DEPTH} levels")
+        raise _too_deep()
     if len(value) > TOOL_LIST_LIMIT:
         raise _bad_tools(f"at most {TOOL_LIST_LIMIT} tool objects are accepted")
     return [_tool_input(index, item) for index, item in enumerate(value)]
@@ -173,6 +173,11 @@ def _first_message(messages: Any) -> str:
     while isinstance(messages, dict | list):
         messages = next(iter(messages.values())) if isinstance(messages, dict) else messages[0]
     return str(messages)
+
+
+def _too_deep() -> ApiError:
+    """Too deep for the parser or for the bound: one answer either way."""
+    return _bad_tools(f"nesting deeper than {MAX_JSON_DEPTH} levels")
 
 
 def _bad_tools(what: str) -> ApiError:
