@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 import logging
+import re
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import Flask
+from flask import Flask, request
 from flask.json.provider import DefaultJSONProvider
+from werkzeug.exceptions import NotFound
 
 from app.config import load_settings
 from app.context import AgentOS
+from app.decoding import StrictRequest, check_query
 from app.errors import register_error_handlers
 from app.runtime.agent import Agent, load_agents
 from app.runtime.executor import RunExecutor
-from app.runtime.service import RunService, Settings
+from app.runtime.service import AgentNotFound, RunService, Settings
 from app.schemas import strict_json
+from statemachine.errors import ApprovalNotFound, RunNotFound
 from statemachine.store import RunStore
 
 __all__ = ["create_app"]
+
+RAW_PATH = "agentos.path_info"
+# An id the server could have made: what a path's `*_id` segment must look like (else 404).
+SERVER_ID = re.compile(r"[A-Za-z0-9._:-]{1,255}")
 
 
 class _TrailingSlashTolerant:
@@ -29,6 +37,7 @@ class _TrailingSlashTolerant:
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         path = environ.get("PATH_INFO", "")
+        environ[RAW_PATH] = path
         if len(path) > 1 and path.endswith("/"):
             environ["PATH_INFO"] = path.rstrip("/") or "/"
         return self.wsgi_app(environ, start_response)
@@ -81,6 +90,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     config = dict(config or {})
     settings = load_settings({k: v for k, v in config.items() if k not in ("STORE", "AGENTS")})
     app = Flask(__name__)
+    app.request_class = StrictRequest
     app.json = _StrictJSON(app)
     app.config["AGENTOS"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings["MAX_CONTENT_LENGTH"]
@@ -92,13 +102,36 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     return app
 
 
+_NOT_FOUND: dict[str, type[Exception]] = {
+    "agent_id": AgentNotFound, "run_id": RunNotFound, "approval_id": ApprovalNotFound,
+}
+
+
 def _register(app: Flask) -> None:
     from app.views import approvals, meta, runs
 
+    app.url_map.merge_slashes = False  # `//` is the JSON 404, never a 308 to a merged path
     for blueprint in (meta.bp, runs.bp, approvals.bp):
         app.register_blueprint(blueprint)
     register_error_handlers(app)
 
     @app.before_request
+    def _strict_query() -> None:
+        check_query(request.query_string)
+
+    @app.before_request
     def _start_background() -> None:
         app.extensions["agentos"].executor.ensure_background()
+
+    @app.before_request
+    def _no_empty_segment() -> None:
+        """Werkzeug would merge `//` (even a leading one) into `/`: the contract says 404."""
+        if "//" in request.environ.get(RAW_PATH, request.path):
+            raise NotFound()
+
+    @app.before_request
+    def _ids_we_could_have_made() -> None:
+        """An id in the path that no id of ours looks like is not found, before any store."""
+        for name, value in (request.view_args or {}).items():
+            if name.endswith("_id") and not SERVER_ID.fullmatch(str(value)):
+                raise _NOT_FOUND.get(name, NotFound)(value)

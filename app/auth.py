@@ -19,7 +19,8 @@ from app.errors import ApiError
 
 MISSING_HEADER = "Authorization header required"
 INVALID_TOKEN = "Invalid authentication token"
-ADMIN_SCOPE = "admin"
+ADMIN_SCOPES = frozenset({"admin", "agent_os:admin"})
+OWN_APPROVAL = "An approval cannot be resolved by the owner of its run"
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class Identity:
 
     @property
     def is_admin(self) -> bool:
-        return self.kind == "admin-key" or (self.kind == "jwt" and ADMIN_SCOPE in self.scopes)
+        return self.kind == "admin-key" or (self.kind == "jwt" and bool(ADMIN_SCOPES & self.scopes))
 
     @property
     def owner(self) -> str | None:
@@ -41,7 +42,7 @@ class Identity:
         return self.user_id if self.kind == "jwt" and not self.is_admin else None
 
     def has_scope(self, scope: str) -> bool:
-        return self.kind != "jwt" or ADMIN_SCOPE in self.scopes or scope in self.scopes
+        return self.kind != "jwt" or self.is_admin or scope in self.scopes
 
 
 ANONYMOUS = Identity(kind="anonymous", subject="anonymous")
@@ -65,7 +66,7 @@ def authenticate(settings: dict[str, Any]) -> Identity:
     jwt_key = settings["JWT_VERIFICATION_KEY"]
     token = _bearer()
     if token is None:
-        if security or jwt_key:
+        if security or admin or jwt_key:  # an admin key alone closes the API too
             raise ApiError(401, MISSING_HEADER, "UNAUTHENTICATED")
         return ANONYMOUS
     if _equal(token, admin):
@@ -88,7 +89,10 @@ def _jwt_identity(token: str, key: str, algorithm: str) -> Identity:
     scopes = claims.get("scopes") or []
     if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
         raise ApiError(401, INVALID_TOKEN, "UNAUTHENTICATED")
-    subject = str(claims["sub"])
+    subject = claims["sub"]
+    if not isinstance(subject, str) or not subject.strip():
+        # An empty subject would own nothing and see everything (no owner filter applies).
+        raise ApiError(401, INVALID_TOKEN, "UNAUTHENTICATED")
     return Identity(kind="jwt", subject=subject, scopes=frozenset(scopes), user_id=subject)
 
 
@@ -99,6 +103,12 @@ def may_resolve_approvals(identity: Identity, settings: dict[str, Any]) -> bool:
     if settings["OS_ADMIN_KEY"]:
         return False
     return identity.has_scope("approvals:write")
+
+
+def check_not_own_run(identity: Identity, run_user_id: str | None) -> None:
+    """Separation of duties: the owner of a run may not approve its tools, unless admin."""
+    if identity.kind == "jwt" and not identity.is_admin and run_user_id == identity.subject:
+        raise ApiError(403, OWN_APPROVAL, "FORBIDDEN")
 
 
 def requires(scope: str | None = None, *, approver: bool = False) -> Callable:

@@ -22,11 +22,16 @@ HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 PING = b": ping\n\n"
 TERMINAL_EVENTS = frozenset({"RunPaused", "RunCompleted", "RunError", "RunCancelled"})
 _WAIT_SLICE = 1.0
+_OUTAGE_POLL = 0.2
+# Line breaks that JSON leaves raw but some event-stream readers split on: escaped, so no
+# line a user wrote can become a line of the stream.
+_LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\u0085": "\\u0085"})
 
 
 def frame(event: StoredEvent) -> bytes:
     """One event: `id:`, `event:` and a one-line compact JSON `data:`."""
     data = json.dumps(event.data, separators=(",", ":"), ensure_ascii=False)
+    data = data.translate(_LINE_BREAKS)
     return f"id: {event.seq}\nevent: {event.name}\ndata: {data}\n\n".encode()
 
 
@@ -38,25 +43,32 @@ def follow(
     *,
     ping_seconds: float,
     max_seconds: float,
+    outage_seconds: float = 0.0,
 ) -> Iterator[StoredEvent | None]:
     """Stored events after `after`, then live ones, until a terminal event (None = idle ping).
 
     Ends early when the run is not executing and nothing is left to read (a paused or
-    finished run followed from its end), or when `max_seconds` have passed.
+    finished run followed from its end), or when `max_seconds` have passed. A store outage
+    is waited out (pings keep the client) for up to `outage_seconds`: the executing worker
+    retries its writes as long, so a stream whose store comes back still ends with the run's
+    terminal event.
     """
     deadline = time.monotonic() + max_seconds
     quiet_since = time.monotonic()
+    down_since: float | None = None
     wait_slice = min(_WAIT_SLICE, ping_seconds)
     while time.monotonic() < deadline:
-        events = store.read_events(run_id, after)
-        if not events:
-            if not current_state(run_id).is_executing:
-                events = store.read_events(run_id, after)  # a last commit may have landed
-                if not events:
-                    return
-            else:
-                remaining = max(0.0, deadline - time.monotonic())
-                events = store.wait_events(run_id, after, min(wait_slice, remaining))
+        try:
+            events = _next_events(store, run_id, after, current_state, deadline, wait_slice)
+            down_since = None
+        except StoreUnavailable:
+            down_since = down_since or time.monotonic()
+            if time.monotonic() - down_since >= outage_seconds:
+                raise
+            time.sleep(min(_OUTAGE_POLL, outage_seconds))
+            events = []
+        if events is None:
+            return
         for event in events:
             yield event
             after = event.seq
@@ -67,6 +79,19 @@ def follow(
         elif time.monotonic() - quiet_since >= ping_seconds:
             quiet_since = time.monotonic()
             yield None
+
+
+def _next_events(store: RunStore, run_id: str, after: int,
+                 current_state: Callable[[str], RunState], deadline: float,
+                 wait_slice: float) -> list[StoredEvent] | None:
+    """The next events (maybe none after waiting a slice); None when nothing more will come."""
+    events = store.read_events(run_id, after)
+    if events:
+        return events
+    if not current_state(run_id).is_executing:
+        return store.read_events(run_id, after) or None  # a last commit may have landed
+    remaining = max(0.0, deadline - time.monotonic())
+    return store.wait_events(run_id, after, min(wait_slice, remaining))
 
 
 def sse_body(events: Iterator[StoredEvent | None]) -> Iterator[bytes]:

@@ -32,6 +32,10 @@ class StaleRun(LifecycleError):
     """A compare-and-set lost: the run's version moved since it was read. Re-read and re-decide."""
 
 
+class CancelRequested(LifecycleError):
+    """A commit that honours cancel requests found one on the run: the writer must cancel it."""
+
+
 class RunNotFound(LifecycleError):
     """No such run in the store."""
 

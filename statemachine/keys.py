@@ -7,6 +7,7 @@ before the run's own commit and verified against the run when read, never the tr
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 
@@ -53,5 +54,9 @@ class Keys:
         return f"{self.prefix}:finished"
 
     def idempotency(self, run_id: str, key: str) -> str:
-        """String: the JSON outcome remembered for one Idempotency-Key of the run."""
-        return f"{self.prefix}:run:{{{run_id}}}:idem:{key}"
+        """String: the JSON outcome remembered for one Idempotency-Key of the run.
+
+        The client's key is hashed into the name: no client text reaches a key unescaped.
+        """
+        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+        return f"{self.prefix}:run:{{{run_id}}}:idem:{digest}"

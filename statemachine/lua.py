@@ -1,20 +1,29 @@
 """The Lua scripts of the Redis store. They compare and set; they never encode run rules.
 
 COMMIT's KEYS: run hash, events stream, idempotency key, new approvals, approvals to expire,
-approvals to retain. ARGV 1-14 are scalars (see `RedisRunStore.commit`), then event JSONs, then
-new approval documents.
+approvals to retain. ARGV 1-17 are scalars (see `RedisRunStore.commit`), then event JSONs, then
+new approval documents. ARGV 15-17 are the commit's conditions and token: honour a cancel
+request ('1'), apply only while the stored lease is lapsed at this time, the commit's token.
 
-Return codes shared by the scripts: -1 run missing, -2 stale version, -3 approval missing,
--4 approval not pending (its status follows), -5 run already exists.
+Return codes shared by the scripts: -1 run missing, -2 stale version (or a lease that is no
+longer lapsed, or a state that moved), -3 approval missing, -4 approval not pending (its status
+follows), -5 run already exists, -6 a cancel request is recorded on the run.
 """
 
 COMMIT = """
 local v = redis.call('HGET', KEYS[1], 'version')
 if not v then return {-1} end
+if ARGV[15] == '1' and redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
+  return {-6}
+end
 if tonumber(v) ~= tonumber(ARGV[1]) then return {-2} end
+if ARGV[16] ~= '' then
+  local lease = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '')
+  if (not lease) or lease > tonumber(ARGV[16]) then return {-2} end
+end
 local nev, nnew, nexp = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
 local nall = tonumber(ARGV[12])
-local E = 14
+local E = 17
 local seq = tonumber(redis.call('HGET', KEYS[1], 'last_seq') or '0')
 local out = {tonumber(v) + 1}
 for i = 1, nev do
@@ -36,7 +45,8 @@ for i = 1, nexp do
 end
 redis.call('HSET', KEYS[1], 'version', tonumber(v) + 1, 'state', ARGV[2], 'doc', ARGV[3],
   'updated_at', ARGV[4], 'last_seq', seq, 'pending_approvals', pending,
-  'lease_owner', ARGV[5], 'lease_until', ARGV[6], 'paused_at', ARGV[7])
+  'lease_owner', ARGV[5], 'lease_until', ARGV[6], 'paused_at', ARGV[7],
+  'cancel_requested', '0', 'commit_token', ARGV[17])
 if ARGV[8] ~= '' then
   local ttl = tonumber(ARGV[8])
   redis.call('EXPIRE', KEYS[1], ttl)
@@ -86,6 +96,15 @@ if not status then return -3 end
 if status == 'pending' then return -4 end
 redis.call('DEL', KEYS[1])
 return 1
+"""
+
+REQUEST_CANCEL = """
+local v = redis.call('HGET', KEYS[1], 'version')
+if not v then return -1 end
+if redis.call('HGET', KEYS[1], 'state') ~= ARGV[1] then return -2 end
+redis.call('HSET', KEYS[1], 'version', tonumber(v) + 1, 'cancel_requested', '1',
+  'updated_at', ARGV[2])
+return tonumber(v) + 1
 """
 
 RENEW_LEASE = """

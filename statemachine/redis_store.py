@@ -20,6 +20,7 @@ from statemachine import lua
 from statemachine.errors import (
     ApprovalNotFound,
     ApprovalStillPending,
+    CancelRequested,
     RunNotFound,
     StaleRun,
     StoreUnavailable,
@@ -46,6 +47,9 @@ from statemachine.store import (
 T = TypeVar("T")
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, redis.exceptions.BusyLoadingError)
 _SCAN_BATCH = 200
+# Answers of a server that cannot take the command now but will later: 503, never 500.
+# OOM is `maxmemory` reached with a no-eviction policy (scripts fail with it too).
+_TRANSIENT_REPLIES = ("READONLY", "LOADING", "MASTERDOWN", "OOM", "BUSY ")
 
 
 def _guarded(method: Callable[..., T]) -> Callable[..., T]:
@@ -58,11 +62,17 @@ def _guarded(method: Callable[..., T]) -> Callable[..., T]:
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
         except redis.exceptions.ResponseError as exc:
-            if "READONLY" in str(exc) or "LOADING" in str(exc) or "MASTERDOWN" in str(exc):
+            if _transient(exc):
                 raise StoreUnavailable(f"redis: {exc}") from exc
             raise
 
     return wrapper
+
+
+def _transient(exc: redis.exceptions.ResponseError) -> bool:
+    """True for a reply that says "not now" (OOM, read-only replica, loading, busy script)."""
+    text = str(exc)
+    return text.startswith(_TRANSIENT_REPLIES) or "when used memory > 'maxmemory'" in text
 
 
 def _opt_float(value: str | None) -> float | None:
@@ -87,6 +97,8 @@ def _run_from_hash(fields: dict[str, str]) -> StoredRun:
         lease_owner=fields.get("lease_owner") or None,
         lease_until=_opt_float(fields.get("lease_until")),
         paused_at=_opt_float(fields.get("paused_at")),
+        cancel_requested=fields.get("cancel_requested") == "1",
+        commit_token=fields.get("commit_token") or None,
     )
 
 
@@ -137,6 +149,7 @@ class RedisRunStore:
         self._resolve = self.redis.register_script(lua.RESOLVE)
         self._delete_approval = self.redis.register_script(lua.DELETE_APPROVAL)
         self._renew = self.redis.register_script(lua.RENEW_LEASE)
+        self._request_cancel = self.redis.register_script(lua.REQUEST_CANCEL)
 
     # -- runs ---------------------------------------------------------------------------
 
@@ -207,6 +220,9 @@ class RedisRunStore:
             len(retained),
             dumps(remember.value) if remember else "",
             remember.ttl if remember else 0,
+            "1" if commit.honour_cancel else "",
+            _num(commit.lease_lapsed_by),
+            commit.token or "",
             *map(dumps, commit.events),
             *(dumps(a.doc) for a in commit.approvals),
         ]
@@ -215,7 +231,20 @@ class RedisRunStore:
             raise RunNotFound(rid)
         if out[0] == -2:
             raise StaleRun(rid)
+        if out[0] == -6:
+            raise CancelRequested(rid)
         return CommitResult(version=int(out[0]), seqs=[int(s) for s in out[1:]])
+
+    @_guarded
+    def request_cancel(self, run_id: str, expected_state: RunState, now: float) -> int:
+        """Record a cancel request if the run is still in `expected_state`; the new version."""
+        out = self._request_cancel(keys=[self.keys.run(run_id)],
+                                   args=[expected_state.value, repr(now)])
+        if out == -1:
+            raise RunNotFound(run_id)
+        if out == -2:
+            raise StaleRun(run_id)
+        return int(out)
 
     def _hint_commit(self, commit: Commit) -> None:
         """Index hints for the sweeps and listings, written before the commit they describe."""

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from statemachine.errors import (
     ApprovalNotFound,
     ApprovalStillPending,
+    CancelRequested,
     RunNotFound,
     StaleRun,
     StoreUnavailable,
@@ -60,7 +61,9 @@ CREATE TABLE IF NOT EXISTS runs (
     lease_owner TEXT,
     lease_until REAL,
     paused_at REAL,
-    finished_at REAL
+    finished_at REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    commit_token TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_by_agent ON runs (agent_id, created_at DESC);
 CREATE INDEX IF NOT EXISTS runs_by_lease ON runs (lease_until) WHERE lease_until IS NOT NULL;
@@ -94,8 +97,14 @@ CREATE TABLE IF NOT EXISTS idempotency (
 
 _RUN_COLUMNS = (
     "run_id, agent_id, session_id, user_id, state, version, created_at, updated_at, doc, "
-    "pending_approvals, last_seq, lease_owner, lease_until, paused_at"
+    "pending_approvals, last_seq, lease_owner, lease_until, paused_at, cancel_requested, "
+    "commit_token"
 )
+# Columns added after the first release: a database file made before them gets them on open.
+_ADDED_RUN_COLUMNS = {
+    "cancel_requested": "INTEGER NOT NULL DEFAULT 0",
+    "commit_token": "TEXT",
+}
 
 
 def _guarded(method: Callable[..., T]) -> Callable[..., T]:
@@ -128,6 +137,8 @@ def _run_from_row(row: sqlite3.Row) -> StoredRun:
         lease_owner=row["lease_owner"],
         lease_until=row["lease_until"],
         paused_at=row["paused_at"],
+        cancel_requested=bool(row["cancel_requested"]),
+        commit_token=row["commit_token"],
     )
 
 
@@ -156,6 +167,14 @@ class SqliteRunStore:
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
         self._connection().executescript(SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        db = self._connection()
+        present = {row["name"] for row in db.execute("PRAGMA table_info(runs)")}
+        for name, decl in _ADDED_RUN_COLUMNS.items():
+            if name not in present:
+                db.execute(f"ALTER TABLE runs ADD COLUMN {name} {decl}")
 
     def _connection(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -200,7 +219,7 @@ class SqliteRunStore:
             try:
                 db.execute(
                     f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES "
-                    "(?, ?, ?, ?, ?, 1, ?, ?, ?, 0, 0, ?, ?, ?)",
+                    "(?, ?, ?, ?, ?, 1, ?, ?, ?, 0, 0, ?, ?, ?, 0, NULL)",
                     (run.run_id, run.agent_id, run.session_id, run.user_id, run.state.value,
                      run.created_at, run.updated_at, dumps(run.doc), run.lease_owner,
                      run.lease_until, run.paused_at),
@@ -234,13 +253,11 @@ class SqliteRunStore:
         """Apply `commit` atomically if the run is still at its expected version."""
         with self._write() as db:
             row = db.execute(
-                "SELECT version, last_seq, pending_approvals FROM runs WHERE run_id = ?",
+                "SELECT version, last_seq, pending_approvals, cancel_requested, lease_until "
+                "FROM runs WHERE run_id = ?",
                 (commit.run_id,),
             ).fetchone()
-            if row is None:
-                raise RunNotFound(commit.run_id)
-            if row["version"] != commit.expected_version:
-                raise StaleRun(commit.run_id)
+            self._check(row, commit)
             pending = row["pending_approvals"] + self._insert_approvals(db, commit)
             pending -= self._expire_approvals(db, commit)
             seqs = self._append_events(db, commit.run_id, row["last_seq"], commit.events)
@@ -249,11 +266,38 @@ class SqliteRunStore:
             db.execute(
                 "UPDATE runs SET state = ?, version = version + 1, doc = ?, updated_at = ?, "
                 "pending_approvals = ?, lease_owner = ?, lease_until = ?, paused_at = ?, "
-                "finished_at = ? WHERE run_id = ?",
+                "finished_at = ?, cancel_requested = 0, commit_token = ? WHERE run_id = ?",
                 (commit.state.value, dumps(commit.doc), commit.now, pending, commit.lease_owner,
-                 commit.lease_until, commit.paused_at, finished, commit.run_id),
+                 commit.lease_until, commit.paused_at, finished, commit.token, commit.run_id),
             )
         return CommitResult(version=commit.expected_version + 1, seqs=seqs)
+
+    @staticmethod
+    def _check(row: sqlite3.Row | None, commit: Commit) -> None:
+        """The commit's conditions, in the same order as the Redis script's."""
+        if row is None:
+            raise RunNotFound(commit.run_id)
+        if commit.honour_cancel and row["cancel_requested"]:
+            raise CancelRequested(commit.run_id)
+        if row["version"] != commit.expected_version:
+            raise StaleRun(commit.run_id)
+        if commit.lease_lapsed_by is not None and (
+                row["lease_until"] is None or row["lease_until"] > commit.lease_lapsed_by):
+            raise StaleRun(commit.run_id)
+
+    @_guarded
+    def request_cancel(self, run_id: str, expected_state: RunState, now: float) -> int:
+        """Record a cancel request if the run is still in `expected_state`; the new version."""
+        with self._write() as db:
+            row = db.execute("SELECT version, state FROM runs WHERE run_id = ?",
+                             (run_id,)).fetchone()
+            if row is None:
+                raise RunNotFound(run_id)
+            if row["state"] != expected_state.value:
+                raise StaleRun(run_id)
+            db.execute("UPDATE runs SET version = version + 1, cancel_requested = 1, "
+                       "updated_at = ? WHERE run_id = ?", (now, run_id))
+        return row["version"] + 1
 
     @staticmethod
     def _remember(db: sqlite3.Connection, commit: Commit) -> None:

@@ -44,6 +44,8 @@ class StoredRun:
     lease_owner: str | None = None
     lease_until: float | None = None
     paused_at: float | None = None
+    cancel_requested: bool = False
+    commit_token: str | None = None
 
 
 @dataclass
@@ -92,6 +94,15 @@ class Commit:
     `remember` stores an outcome under an idempotency key of the run, atomically with the
     rest. `reindex` False skips the Redis index hints: a checkpoint within one executing
     state, whose index entry the lease renewal keeps fresh.
+
+    Conditions compared inside the same atomic step, so that no read-then-decide race can
+    slip between them and the write: `honour_cancel` refuses the commit (CancelRequested)
+    while a cancel request is recorded on the run (the executing worker's writes set it, so
+    a cancel wins against any number of checkpoints); `lease_lapsed_by` applies the commit
+    only if the stored lease is still lapsed at that time (a renewal that landed after the
+    sweep read the run makes the sweep's commit stale). `token`, when given, is stored with
+    the run so a writer whose answer was lost can tell whether its commit landed. Every
+    commit that is applied clears the run's cancel request.
     """
 
     run_id: str
@@ -109,6 +120,9 @@ class Commit:
     retain_seconds: int | None = None
     remember: Remember | None = None
     reindex: bool = True
+    honour_cancel: bool = False
+    lease_lapsed_by: float | None = None
+    token: str | None = None
 
 
 @dataclass
@@ -156,6 +170,8 @@ class RunStore(Protocol):
     def wait_events(self, run_id: str, after: int, timeout: float) -> list[StoredEvent]: ...
 
     def list_runs(self, query: RunQuery) -> list[StoredRun]: ...
+
+    def request_cancel(self, run_id: str, expected_state: RunState, now: float) -> int: ...
 
     def renew_leases(self, owner: str, run_ids: Iterable[str], until: float) -> None: ...
 

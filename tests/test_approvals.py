@@ -364,8 +364,9 @@ def test_admin_decision_wins_over_the_client(client, paused, tool_log, decision,
 
 
 HS_CONFIG = {"JWT_VERIFICATION_KEY": HS_SECRET, "JWT_ALGORITHM": "HS256"}
+# carol resolves the approval of her own run, which separation of duties allows an admin only
 CAROL = bearer(make_token(HS_SECRET, "carol", ["agents:run", "agents:read", "approvals:read",
-                                               "approvals:write"]))
+                                               "approvals:write", "agent_os:admin"]))
 
 
 @pytest.mark.parametrize(("app_config", "headers", "resolved_by"), [

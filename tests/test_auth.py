@@ -395,6 +395,11 @@ def test_approvals_read_can_list_but_not_resolve(client, paused):
     assert_forbidden(resolve(client, approval_id, headers=reader))
     assert_forbidden(client.delete(f"/approvals/{approval_id}", headers=reader))
     assert get_approval(client, approval_id, BOSS)["status"] == "pending"
-    writer = _scoped("approvals:write")
-    assert resolve(client, approval_id, headers=writer).json["resolved_by"] == "alice"
+    writer = _scoped("approvals:write")  # alice owns the run: separation of duties
+    refused = resolve(client, approval_id, headers=writer)
+    assert_forbidden(refused)
+    assert refused.json["detail"] == "An approval cannot be resolved by the owner of its run"
+    assert get_approval(client, approval_id, BOSS)["status"] == "pending"
+    own_admin = _scoped("agent_os:admin")  # the reference's admin scope lifts it
+    assert resolve(client, approval_id, headers=own_admin).json["resolved_by"] == "alice"
     assert_forbidden(client.get("/approvals", headers=_scoped("agents:read")))

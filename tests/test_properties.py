@@ -586,7 +586,8 @@ def test_any_sequence_of_requests_keeps_runs_sound(store_kind, request, tmp_path
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(note=JSON)
 def test_an_admin_note_of_any_json_type_is_a_string_note(client, note):
-    """A rejection's `resolution_data.note` may be any JSON; the tool object keeps a string."""
+    """A rejection's `resolution_data.note` may be any JSON; the tool object keeps a string:
+    the text itself, or the note as compact JSON (never a Python repr)."""
     run = client.post("/agents/approval-agent/runs", data={"message": "m", "stream": "false"}).json
     approval_id = run["tools"][0]["approval_id"]
     resolved = client.post(f"/approvals/{approval_id}/resolve",
@@ -596,5 +597,6 @@ def test_an_admin_note_of_any_json_type_is_a_string_note(client, note):
                          data={"stream": "false"})
     assert answer.status_code == 200, answer.json
     check_tool_object(answer.json["tools"][0])
-    assert answer.json["tools"][0]["confirmation_note"] == (
-        "Rejected by an admin" if note in (None, "") else str(note))
+    expected = "Rejected by an admin" if note is None or note == "" else (
+        note if isinstance(note, str) else json.dumps(note, separators=(",", ":")))
+    assert answer.json["tools"][0]["confirmation_note"] == expected

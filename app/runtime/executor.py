@@ -53,7 +53,9 @@ class RunExecutor:
         self._sweep_interval = sweep_interval
         self._slots = threading.BoundedSemaphore(max_runs)
         self._pool = ThreadPoolExecutor(max_workers=max_runs, thread_name_prefix="run")
-        self._active: set[str] = set()
+        # run_id -> executions of it in this process: a finishing execution only takes its
+        # own count away, so it never drops the lease renewal of a newer one of the same run.
+        self._active: dict[str, int] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -72,7 +74,7 @@ class RunExecutor:
         """Run `work` for `run_id` in a reserved slot, renewing its lease meanwhile."""
         self.ensure_background()
         with self._lock:
-            self._active.add(run_id)
+            self._active[run_id] = self._active.get(run_id, 0) + 1
         self._pool.submit(self._run, run_id, work)
 
     def _run(self, run_id: str, work: Callable[[], None]) -> None:
@@ -81,9 +83,16 @@ class RunExecutor:
         except Exception:
             log.exception("run %s: execution ended with an unexpected error", run_id)
         finally:
-            with self._lock:
-                self._active.discard(run_id)
+            self._done(run_id)
             self._slots.release()
+
+    def _done(self, run_id: str) -> None:
+        with self._lock:
+            left = self._active.get(run_id, 0) - 1
+            if left > 0:
+                self._active[run_id] = left
+            else:
+                self._active.pop(run_id, None)
 
     def active(self) -> list[str]:
         with self._lock:

@@ -23,14 +23,15 @@ from app.runtime.documents import (
 )
 from app.runtime.models import ContentDelta, ModelError, ToolCall, TurnUsage
 from app.runtime.resolution import REJECT, RESULT
-from app.runtime.session import RunInterrupted, RunSession
+from app.runtime.session import APPLY_KEY, RunInterrupted, RunSession
 from app.runtime.tools import ToolCallContext, current_call
+from statemachine.errors import StoreUnavailable
 from statemachine.states import Trigger
 from statemachine.store import APPROVAL_PENDING, Approval
 
 log = logging.getLogger(__name__)
 
-APPLY_KEY = "_apply"
+__all__ = ["APPLY_KEY", "execute"]
 
 
 def execute(session: RunSession) -> None:
@@ -40,6 +41,10 @@ def execute(session: RunSession) -> None:
         run_turns(session)
     except RunInterrupted:
         log.info("run %s was moved by another process; this worker stops", session.run_id)
+    except StoreUnavailable as exc:
+        # Every write was already retried for a whole lease: the lease lapses now, and the
+        # sweep of whichever worker reaches the store first ends the run ERROR.
+        log.error("run %s: the store stayed unavailable for a lease (%s)", session.run_id, exc)
     except ModelError as exc:
         fail(session, str(exc), exc.error_type)
     except Exception:

@@ -15,7 +15,7 @@ from typing import Any
 
 from app.runtime.documents import REJECTED_BY_ADMIN, WAITING_FLAGS, waiting_calls, waiting_kind
 from app.runtime.tools import CONFIRMATION, EXTERNAL_EXECUTION, USER_INPUT
-from statemachine.store import Approval
+from statemachine.store import Approval, dumps
 
 EXECUTE, REJECT, RESULT = "execute", "reject", "result"
 
@@ -89,8 +89,7 @@ def _apply_approval(obj: dict[str, Any], approval: Approval) -> None:
     kind = waiting_kind(obj)
     if approval.status != "approved":
         obj["confirmed"] = False
-        note = data.get("note")  # any JSON: the tool object's note is a string
-        obj["confirmation_note"] = REJECTED_BY_ADMIN if note in (None, "") else str(note)
+        obj["confirmation_note"] = admin_note(data.get("note"))
         obj["_admin_rejected"] = True
         return
     obj["confirmed"] = True
@@ -98,6 +97,14 @@ def _apply_approval(obj: dict[str, Any], approval: Approval) -> None:
         _merge_values(obj, data["values"])
     if kind == EXTERNAL_EXECUTION and data.get("result") is not None:
         obj["result"] = str(data["result"])
+
+
+def admin_note(note: Any) -> str:
+    """An admin's note as the tool object's string: text as is, other JSON as compact JSON
+    (never a Python repr); none or empty means the default sentence."""
+    if note is None or note == "":
+        return REJECTED_BY_ADMIN
+    return note if isinstance(note, str) else dumps(note)
 
 
 def _settle(obj: dict[str, Any]) -> str:

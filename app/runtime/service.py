@@ -16,9 +16,15 @@ from typing import Any
 from app.runtime.agent import Agent
 from app.runtime.documents import epoch, event, message, new_id, waiting_calls
 from app.runtime.executor import RunExecutor
-from app.runtime.loop import APPLY_KEY, execute
+from app.runtime.loop import execute
 from app.runtime.resolution import resolve_pause
-from app.runtime.session import Lifecycle, RunSession, commit_fields
+from app.runtime.session import (
+    APPLY_KEY,
+    CANCELLED_BY_CLIENT,
+    Lifecycle,
+    RunSession,
+    commit_fields,
+)
 from statemachine.errors import ApprovalAlreadyResolved, RunNotFound, StaleRun
 from statemachine.machine import decide
 from statemachine.states import RunState, Trigger
@@ -37,7 +43,6 @@ log = logging.getLogger(__name__)
 CAS_ATTEMPTS = 20
 LOST_WORKER = "The worker executing this run was lost before it finished (its lease expired)"
 PAUSE_EXPIRED = "pause expired"
-CANCELLED_BY_CLIENT = "cancelled by client"
 
 
 class AgentNotFound(Exception):
@@ -216,19 +221,33 @@ class RunService:
     # -- cancel ---------------------------------------------------------------------------
 
     def cancel_run(self, access: RunAccess) -> None:
-        """Cancel a paused run at once, or an executing one at its worker's next step."""
+        """Cancel a paused run at once, or an executing one at its worker's next step.
+
+        An executing run gets a cancel request, recorded only while the run is still in the
+        state read; its worker's next write is refused because of it (in the same atomic
+        step) and the worker ends the run CANCELLED. So a cancel never loses to checkpoints,
+        and it loses cleanly (409) to a final state written before it.
+        """
         self.agent(access.agent_id)
         for _ in range(CAS_ATTEMPTS):
             run = self.visible_run(access)
+            decide(run.state, Trigger.CANCEL, admin_pending=run.admin_pending)
             try:
-                self._end(run, Trigger.CANCEL, "RunCancelled", reason=CANCELLED_BY_CLIENT)
+                if run.state.is_executing:
+                    self.store.request_cancel(run.run_id, run.state, time.time())
+                else:
+                    self._end(run, Trigger.CANCEL, "RunCancelled", reason=CANCELLED_BY_CLIENT)
                 return
             except StaleRun:
                 continue
         raise StaleRun(access.run_id)
 
-    def _end(self, run: StoredRun, trigger: Trigger, name: str, **fields: Any) -> None:
-        """Move `run` to a final state decided by the machine, expiring pending approvals."""
+    def _end(self, run: StoredRun, trigger: Trigger, name: str, *,
+             lease_lapsed_by: float | None = None, **fields: Any) -> None:
+        """Move `run` to a final state decided by the machine, expiring pending approvals.
+
+        `lease_lapsed_by` makes the store apply it only while the lease is still lapsed.
+        """
         state = decide(run.state, trigger, admin_pending=run.admin_pending)
         now = time.time()
         doc = dict(run.doc)
@@ -241,7 +260,7 @@ class RunService:
             run_id=run.run_id, expected_version=run.version, state=state, doc=doc, now=now,
             events=[event(doc, name, **fields)], approval_ids=approval_ids,
             expire_approvals=approval_ids if run.admin_pending else [],
-            **commit_fields(state, self.life, now)))
+            lease_lapsed_by=lease_lapsed_by, **commit_fields(state, self.life, now)))
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -272,8 +291,7 @@ class RunService:
         now = time.time()
         try:
             if run.state.is_executing and run.lease_until and run.lease_until <= now:
-                self._end(run, Trigger.FAIL, "RunError", content=LOST_WORKER,
-                          error_type="WorkerLost")
+                self._end_lost(run, now)
                 return True
             ttl = self.settings.pause_ttl_seconds
             if run.state is RunState.PAUSED and ttl and run.paused_at and \
@@ -283,6 +301,18 @@ class RunService:
         except StaleRun:
             return True
         return False
+
+    def _end_lost(self, run: StoredRun, now: float) -> None:
+        """End a run whose lease lapsed, compared again in the commit (a renewal may land).
+
+        A run its client asked to cancel ends CANCELLED, as that client was told.
+        """
+        if run.cancel_requested:
+            self._end(run, Trigger.CANCEL, "RunCancelled", lease_lapsed_by=now,
+                      reason=CANCELLED_BY_CLIENT)
+            return
+        self._end(run, Trigger.FAIL, "RunError", lease_lapsed_by=now, content=LOST_WORKER,
+                  error_type="WorkerLost")
 
     def sweep(self) -> None:
         """Settle every run whose lease lapsed or pause expired; purge old finished runs."""

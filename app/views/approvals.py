@@ -7,8 +7,9 @@ import math
 from flask import Blueprint, Response, jsonify, request
 from werkzeug.routing import BaseConverter
 
-from app.auth import identity, requires
+from app.auth import check_not_own_run, identity, requires
 from app.context import agentos
+from app.decoding import NOT_UTF8_BODY, lone_surrogate_at
 from app.errors import ApiError
 from app.representation import approval_object, approval_status
 from app.schemas import (
@@ -76,7 +77,7 @@ def get_approval_status(approval_id: str) -> Response:
 @requires("approvals:write", approver=True)
 def resolve_approval(approval_id: str) -> Response:
     body = RESOLVE_BODY.load(_json_body())
-    _visible(approval_id)
+    check_not_own_run(identity(), _visible(approval_id).doc.get("user_id"))
     approval = agentos().service.resolve_approval(
         approval_id, body["status"], body["resolution_data"], identity().subject)
     return jsonify(_public(approval))
@@ -92,6 +93,10 @@ def delete_approval(approval_id: str) -> Response:
 
 def _json_body() -> object:
     try:
+        request.get_data(cache=True).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, NOT_UTF8_BODY) from None
+    try:
         body = request.get_json(silent=True)
     except RecursionError:
         raise ApiError(422, "Validation error", errors={
@@ -99,6 +104,10 @@ def _json_body() -> object:
     if body is None:
         raise ApiError(422, "Validation error",
                        errors={"_schema": ["The body must be a JSON object."]})
+    where = lone_surrogate_at(body, "body")
+    if where is not None:
+        raise ApiError(400, f"{where.removeprefix('body.')} holds a lone surrogate, "
+                            "which is not text")
     return body
 
 

@@ -10,6 +10,7 @@ from flask import Blueprint, Response, jsonify, request, url_for
 
 from app.auth import identity, requires
 from app.context import agentos
+from app.decoding import lone_surrogate_at
 from app.errors import ApiError
 from app.representation import run_object
 from app.runtime.service import Idempotency, RunAccess, Started
@@ -166,6 +167,9 @@ def _tool_input(index: int, item: Any) -> dict[str, Any]:
     if errors:
         field, messages = next(iter(sorted(errors.items())))
         raise _bad_tools(f"tools[{index}].{field}: {_first_message(messages)}")
+    where = lone_surrogate_at(item, f"tools[{index}]")
+    if where is not None:
+        raise _bad_tools(f"{where} holds a lone surrogate, which is not text")
     return TOOL_INPUT.load(item)
 
 
@@ -208,4 +212,5 @@ def _follow(run_id: str, after: int):
     os = agentos()
     return follow(os.store, run_id, after, os.service.current_state,
                   ping_seconds=os.settings["STREAM_PING_SECONDS"],
-                  max_seconds=os.settings["STREAM_MAX_SECONDS"])
+                  max_seconds=os.settings["STREAM_MAX_SECONDS"],
+                  outage_seconds=os.settings["RUN_LEASE_SECONDS"])
