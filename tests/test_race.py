@@ -1,39 +1,87 @@
-"""Issue 2: N concurrent continues of one paused run, across threads and processes; one wins.
+"""N concurrent continues of one paused run, across threads and processes: exactly one wins.
 
-Each round, 16 threads of this process and 4 worker processes (each with its own store
-connection) are released together by one barrier onto the same PAUSED run. Every contender
-reads the run, asks the machine, and commits with the version it read; a loser of the
-compare-and-set re-reads and must then be refused by the machine. Odd rounds are lockstep:
-a second barrier holds everyone until all have read, so all 20 commit on the same version and
-the compare-and-set alone must pick the winner.
+What races is the server's own `RunService.continue_run` (the code a request runs), not a copy
+of its logic. Each round, 16 threads of this process and 4 worker processes (each with its own
+app, executor and store connection) are released together by one barrier onto the same PAUSED
+`confirm-agent` run and call `continue_run` with a confirmation. The winner's process executes
+the run (its tool, logged by `DEMO_TOOL_LOG`); every loser must be refused by the machine.
+Odd rounds are lockstep: the store each contender uses holds it, after its first read of the
+run, until every contender has read, so all 20 commit on the same version and the
+compare-and-set alone must pick the winner.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue
-import time
+import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from app import create_app
+from app.runtime.service import RunAccess
 from statemachine.errors import InvalidTransition, StaleRun
-from statemachine.machine import decide
 from statemachine.redis_store import RedisRunStore
 from statemachine.sqlite_store import SqliteRunStore
-from statemachine.states import RunState, Trigger
-from statemachine.store import Commit, StoredRun
+from statemachine.states import RunState
+from tests.servers import wait_until
 
-ROUNDS = 200
+ROUNDS = 60
+LONG_ROUNDS = 200
 THREADS = 16
 PROCESSES = 4
 CONTENDERS = THREADS + PROCESSES
 WAIT = 30  # seconds: the bound on every barrier and queue wait
+AGENT = "confirm-agent"
+TOOLS = [{"tool_call_id": "call_1_1", "confirmed": True}]
 
 WON = "won"
-REFUSED = "run is already continued"
-STALE = "stale"
+REFUSED = frozenset({"run is already continued", "run is already running",
+                     "run is already completed"})
+
+
+# -- the store every contender uses: the real one, which can hold a contender in lockstep ----
+
+
+class LockstepStore:
+    """The real store; a contender that `arm`s it waits on the barrier after its first read.
+
+    It also notes whether the contender's commit lost a compare-and-set. Everything else is
+    the wrapped store itself.
+    """
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self._local = threading.local()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def arm(self, barrier: Any | None) -> None:
+        self._local.barrier, self._local.lost = barrier, False
+
+    def lost(self) -> bool:
+        return getattr(self._local, "lost", False)
+
+    def get_run(self, run_id: str):
+        run = self._store.get_run(run_id)
+        barrier = getattr(self._local, "barrier", None)
+        if barrier is not None:
+            self._local.barrier = None
+            barrier.wait(WAIT)
+        return run
+
+    def commit(self, commit):
+        try:
+            return self._store.commit(commit)
+        except StaleRun:
+            self._local.lost = True
+            raise
 
 
 # -- one contender --------------------------------------------------------------------------
@@ -46,57 +94,48 @@ def open_store(spec: tuple[str, str, str | None]):
     return RedisRunStore(location, prefix=prefix)
 
 
-def try_continue(store, run: StoredRun) -> str:
-    """One attempt: decide on what was read, then compare-and-set on the version read."""
+def contend(app, run_id: str, lockstep) -> tuple[str, bool]:
+    """One call of the service's continue; its outcome and whether it lost a compare-and-set."""
+    agentos = app.extensions["agentos"]
+    agentos.store.arm(lockstep)
     try:
-        state = decide(run.state, Trigger.CONTINUE, admin_pending=run.admin_pending)
+        agentos.service.continue_run(RunAccess(agent_id=AGENT, run_id=run_id), TOOLS)
+        outcome = WON
     except InvalidTransition as exc:
-        return exc.sentence
-    commit = Commit(run_id=run.run_id, expected_version=run.version, state=state, doc=run.doc,
-                    now=time.time(), events=[{"event": "RunContinued"}])
-    try:
-        store.commit(commit)
-    except StaleRun:
-        return STALE
-    return WON
-
-
-def contend(store, run_id: str, lockstep=None) -> tuple[str, bool]:
-    """The outcome of one contender, and whether it lost a compare-and-set on the way.
-
-    With a `lockstep` barrier, wait after reading until every contender has read.
-    """
-    run = store.get_run(run_id)
-    if lockstep is not None:
-        lockstep.wait(WAIT)
-    first = try_continue(store, run)
-    if first != STALE:
-        return first, False
-    return try_continue(store, store.get_run(run_id)), True
+        outcome = exc.sentence
+    except Exception as exc:  # reported to the test as a wrong outcome
+        outcome = repr(exc)
+    return outcome, agentos.store.lost()
 
 
 def is_lockstep(round_: int) -> bool:
     return round_ % 2 == 1
 
 
-def race_all(store, run_ids: list[str], barrier) -> list[tuple[str, bool]]:
+def race_all(app, run_ids: list[str], barrier) -> list[tuple[str, bool]]:
     """Contend in every round, starting each round together with all other contenders."""
     outcomes = []
     for round_, run_id in enumerate(run_ids):
         barrier.wait(WAIT)
-        try:
-            outcomes.append(contend(store, run_id, barrier if is_lockstep(round_) else None))
-        except Exception as exc:  # reported to the test as a wrong outcome
-            outcomes.append((repr(exc), False))
+        outcomes.append(contend(app, run_id, barrier if is_lockstep(round_) else None))
     return outcomes
 
 
-def worker(spec, run_ids: queue.Queue, results: queue.Queue, barrier) -> None:
-    """A long-lived contender process with its own store."""
+def server_app(store):
+    return create_app({"STORE": LockstepStore(store), "SWEEP_INTERVAL_SECONDS": 3600,
+                       "MAX_RUNS_PER_PROCESS": 64})
+
+
+def worker(spec, tool_log: str, run_ids: queue.Queue, results: queue.Queue, barrier) -> None:
+    """A long-lived contender process with its own app and store."""
+    os.environ["DEMO_TOOL_LOG"] = tool_log
     store = open_store(spec)
+    app = server_app(store)
     try:
         results.put(("ready", None))
-        results.put(("outcomes", race_all(store, run_ids.get(timeout=WAIT), barrier)))
+        outcomes = race_all(app, run_ids.get(timeout=WAIT), barrier)
+        app.extensions["agentos"].executor.shutdown(wait=True)
+        results.put(("outcomes", outcomes))
     finally:
         store.close()
 
@@ -112,18 +151,25 @@ def spec(store, store_kind, request) -> tuple[str, str, str | None]:
     return ("redis", request.getfixturevalue("redis_url"), store.keys.prefix)
 
 
+@pytest.fixture
+def tool_log(tmp_path, monkeypatch) -> Path:
+    path = tmp_path / "tools.log"
+    monkeypatch.setenv("DEMO_TOOL_LOG", str(path))
+    return path
+
+
 class Workers:
     """PROCESSES worker processes, started once, sharing one barrier with the test's threads."""
 
-    def __init__(self, spec) -> None:
+    def __init__(self, spec, tool_log: Path) -> None:
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload([__name__])
         self.barrier = ctx.Barrier(CONTENDERS)
         self.tasks = ctx.Queue()
         self.results = ctx.Queue()
         self.processes = [
-            ctx.Process(target=worker, args=(spec, self.tasks, self.results, self.barrier),
-                        daemon=True)
+            ctx.Process(target=worker, daemon=True,
+                        args=(spec, str(tool_log), self.tasks, self.results, self.barrier))
             for _ in range(PROCESSES)
         ]
         for process in self.processes:
@@ -140,7 +186,7 @@ class Workers:
     def outcomes(self) -> list[list[tuple[str, bool]]]:
         collected = []
         for _ in self.processes:
-            kind, outcomes = self.results.get(timeout=WAIT * 2)
+            kind, outcomes = self.results.get(timeout=WAIT * 4)
             assert kind == "outcomes"
             collected.append(outcomes)
         return collected
@@ -158,8 +204,8 @@ class Workers:
 
 
 @pytest.fixture
-def workers(spec):
-    started = Workers(spec)
+def workers(spec, tool_log):
+    started = Workers(spec, tool_log)
     try:
         started.wait_ready()
         yield started
@@ -167,39 +213,53 @@ def workers(spec):
         started.stop()
 
 
-def paused_runs(store, count: int) -> list[str]:
-    now = time.time()
-    ids = []
-    for i in range(count):
-        run_id = f"race-{i:03d}"
-        doc = {"run_id": run_id, "agent_id": "agent-a", "agent_name": "Agent A",
-               "session_id": "s1"}
-        store.create_run(StoredRun(run_id=run_id, agent_id="agent-a", session_id="s1",
-                                   user_id=None, state=RunState.PAUSED, version=1,
-                                   created_at=now + i, updated_at=now, doc=doc,
-                                   paused_at=now), [{"event": "RunPaused"}])
-        ids.append(run_id)
+def paused_runs(app, count: int) -> list[str]:
+    """`count` confirm-agent runs, created and paused by the service itself."""
+    service = app.extensions["agentos"].service
+    ids = [service.create_run(AGENT, f"m{i}", None, None).run_id for i in range(count)]
+    store = app.extensions["agentos"].store
+    wait_until(lambda: all(store.get_run(r).state is RunState.PAUSED for r in ids),
+               timeout=60, what="the runs to pause")
     return ids
 
 
 # -- the race -------------------------------------------------------------------------------
 
 
-def test_exactly_one_continue_wins_each_round(store, workers):
-    run_ids = paused_runs(store, ROUNDS)
-    workers.start(run_ids)
-    with ThreadPoolExecutor(THREADS) as pool:
-        threads = [pool.submit(race_all, store, run_ids, workers.barrier)
-                   for _ in range(THREADS)]
-        per_contender = [f.result(timeout=WAIT * 2) for f in threads] + workers.outcomes()
-    rounds = list(zip(*per_contender, strict=True))
-    assert len(rounds) == ROUNDS
-    results = [Counter(result for result, _ in outcomes) for outcomes in rounds]
-    assert [r for r in results if r != {WON: 1, REFUSED: CONTENDERS - 1}] == []
-    stale = [sum(lost for _, lost in outcomes) for outcomes in rounds]
-    lockstep = [n for round_, n in enumerate(stale) if is_lockstep(round_)]
-    assert lockstep == [CONTENDERS - 1] * (ROUNDS // 2)  # every loser lost at the CAS
+def race(store, workers, tool_log: Path, rounds: int) -> None:
+    app = server_app(store)
+    try:
+        run_ids = paused_runs(app, rounds)
+        workers.start(run_ids)
+        with ThreadPoolExecutor(THREADS) as pool:
+            threads = [pool.submit(race_all, app, run_ids, workers.barrier)
+                       for _ in range(THREADS)]
+            per_contender = [f.result(timeout=WAIT * 4) for f in threads]
+        per_contender += workers.outcomes()
+        app.extensions["agentos"].executor.shutdown(wait=True)
+    finally:
+        app.extensions["agentos"].executor.shutdown(wait=True)
+    rounds_seen = list(zip(*per_contender, strict=True))
+    assert len(rounds_seen) == rounds
+    wrong = [Counter(o for o, _ in outcomes) for outcomes in rounds_seen
+             if sum(o == WON for o, _ in outcomes) != 1
+             or not all(o == WON or o in REFUSED for o, _ in outcomes)]
+    assert wrong == []
+    lockstep = [sum(lost for _, lost in outcomes) for round_, outcomes in
+                enumerate(rounds_seen) if is_lockstep(round_)]
+    assert lockstep == [CONTENDERS - 1] * (rounds // 2)  # every loser lost at the CAS
+    executed = Counter(line.split()[0] for line in tool_log.read_text().splitlines())
+    assert executed == dict.fromkeys(run_ids, 1)  # each tool ran exactly once
     for run_id in run_ids:
-        run = store.get_run(run_id)
-        assert (run.state, run.version) == (RunState.CONTINUED, 2)
-        assert [e.name for e in store.read_events(run_id)] == ["RunPaused", "RunContinued"]
+        assert store.get_run(run_id).state is RunState.COMPLETED
+        assert [e.name for e in store.read_events(run_id)].count("RunContinued") == 1
+
+
+def test_exactly_one_continue_wins_each_round(store, workers, tool_log):
+    race(store, workers, tool_log, ROUNDS)
+
+
+@pytest.mark.long
+def test_exactly_one_continue_wins_each_of_many_rounds(store, workers, tool_log):
+    race(store, workers, tool_log, LONG_ROUNDS)
+

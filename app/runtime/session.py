@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 CANCELLED_BY_CLIENT = "cancelled by client"
 APPLY_KEY = "_apply"
 _RETRY_FIRST, _RETRY_MAX = 0.05, 0.5
+_CANCEL_ATTEMPTS = 5
 
 
 class RunInterrupted(Exception):
@@ -102,7 +103,8 @@ def _landed(store: RunStore, commit: Commit) -> CommitResult | None:
     if run.commit_token != commit.token:
         return None
     first = run.last_seq - len(commit.events) + 1
-    return CommitResult(version=run.version, seqs=list(range(first, run.last_seq + 1)))
+    return CommitResult(version=commit.expected_version + 1,
+                        seqs=list(range(first, run.last_seq + 1)))
 
 
 class RunSession:
@@ -168,14 +170,25 @@ class RunSession:
         self.approval_ids = commit.approval_ids
 
     def _cancel(self) -> None:
-        """End the run CANCELLED on a cancel request, from the version the request wrote."""
-        run = self.store.get_run(self.run_id)
-        try:
-            state = decide(run.state, Trigger.CANCEL)
-        except InvalidTransition:
-            raise RunInterrupted(self.run_id) from None  # ended meanwhile (a sweep)
-        self.version = run.version
+        """End the run CANCELLED on a cancel request, from the version the request wrote.
+
+        Retried from a fresh read while other requests (a repeated cancel) move the version;
+        a run that ended meanwhile (a sweep) is left as it is.
+        """
         self.doc.pop(APPLY_KEY, None)
-        commit = self._commit(state, [self.event("RunCancelled", reason=CANCELLED_BY_CLIENT)],
-                              [], [], self.approval_ids)
-        self._apply(commit, state)
+        for _ in range(_CANCEL_ATTEMPTS):
+            run = self.store.get_run(self.run_id)
+            try:
+                state = decide(run.state, Trigger.CANCEL)
+            except InvalidTransition:
+                raise RunInterrupted(self.run_id) from None
+            self.version = run.version
+            commit = self._commit(state, [self.event("RunCancelled",
+                                                     reason=CANCELLED_BY_CLIENT)],
+                                  [], [], self.approval_ids)
+            try:
+                self._apply(commit, state)
+                return
+            except RunInterrupted:
+                continue
+        raise RunInterrupted(self.run_id)
