@@ -293,3 +293,40 @@ def test_redis_at_maxmemory_answers_503_and_changes_nothing(private_redis):
         admin.close()
         app.extensions["agentos"].executor.shutdown(wait=True)
         store.close()
+
+
+# -- 1 again, as the attack ran it: gunicorn workers on Redis, streaming runs ------------------
+
+
+def sse_names(response) -> Iterator[str]:
+    for line in response.iter_lines(decode_unicode=True):
+        if line.startswith("event: "):
+            yield line[7:]
+
+
+@pytest.mark.slow
+def test_cancels_of_streaming_runs_on_gunicorn_and_redis_all_win(private_redis):
+    import requests
+
+    from tests.servers import Gunicorn
+
+    server = Gunicorn(env={"REDIS_URL": private_redis.url, "REDIS_KEY_PREFIX": "cancel",
+                           "SWEEP_INTERVAL_SECONDS": "0.5"}, workers=2).start()
+    try:
+        for _ in range(6):
+            with requests.post(f"{server.url}/agents/chat-agent/runs",
+                               data={"message": "word " * 5000}, stream=True,
+                               timeout=30) as answer:
+                names = sse_names(answer)
+                assert next(names) == "RunStarted"
+                run_id = answer.headers["Location"].split("/runs/")[1].split("/")[0]
+                assert [next(names) for _ in range(20)][-1] == "RunContent"
+                cancel = requests.post(f"{server.url}/agents/chat-agent/runs/{run_id}/cancel",
+                                       timeout=10)
+                assert (cancel.status_code, cancel.json()) == (200, {})
+                rest = list(names)
+            assert rest[-1] == "RunCancelled" and "RunCompleted" not in rest
+            run = requests.get(f"{server.url}/agents/chat-agent/runs/{run_id}", timeout=10)
+            assert run.json()["status"] == "CANCELLED"
+    finally:
+        server.stop()
