@@ -150,7 +150,8 @@ def test_a_finishing_execution_keeps_a_newer_one_of_the_same_run_active(store):
         executor.reserve()
         executor.submit("r1", lambda: second_may_end.wait(10))
         first_may_end.set()
-        time.sleep(0.3)  # the first execution's `finally` has run
+        # the first execution's `finally` has run once its slot is back (2 of 4 taken -> 1)
+        wait_until(lambda: executor._slots._value == 3, timeout=5, what="the first to end")
         assert executor.active() == ["r1"]
         second_may_end.set()
         wait_until(lambda: executor.active() == [], timeout=5, what="both executions to end")
