@@ -21,7 +21,7 @@ import redis
 from app import create_app
 from app.runtime.agent import Agent
 from app.runtime.executor import RunExecutor
-from app.runtime.models import ContentDelta, TurnUsage
+from app.runtime.models import ContentDelta, ModelError, TurnUsage
 from statemachine.errors import CancelRequested, StaleRun
 from statemachine.redis_store import RedisRunStore
 from statemachine.sqlite_store import SqliteRunStore
@@ -231,16 +231,8 @@ def continue_through_an_outage(store, outage, monkeypatch) -> tuple[list[str], S
 def test_a_sqlite_lock_during_a_tool_is_waited_out(tmp_path, monkeypatch):
     path = str(tmp_path / "stall.db")
     store = SqliteRunStore(path, busy_timeout=0.2)
-
-    def outage() -> None:
-        blocker = sqlite3.connect(path, isolation_level=None)
-        blocker.execute("BEGIN EXCLUSIVE")
-        time.sleep(2.5)
-        blocker.execute("COMMIT")
-        blocker.close()
-
     try:
-        names, run = continue_through_an_outage(store, outage, monkeypatch)
+        names, run = continue_through_an_outage(store, sqlite_lock(path, 2.5), monkeypatch)
     finally:
         store.close()
     assert names[-1] == "RunCompleted", names
@@ -250,19 +242,88 @@ def test_a_sqlite_lock_during_a_tool_is_waited_out(tmp_path, monkeypatch):
 
 def test_a_redis_stall_during_a_tool_is_waited_out(private_redis, monkeypatch):
     store = RedisRunStore(private_redis.url, prefix="stall", socket_timeout=0.5)
-
-    def outage() -> None:
-        os.kill(private_redis.process.pid, signal.SIGSTOP)
-        time.sleep(2.5)
-        os.kill(private_redis.process.pid, signal.SIGCONT)
-
     try:
-        names, run = continue_through_an_outage(store, outage, monkeypatch)
+        names, run = continue_through_an_outage(store, redis_stop(private_redis, 2.5),
+                                                monkeypatch)
     finally:
         store.close()
     assert names[-1] == "RunCompleted", names
     assert names.count("ToolCallCompleted") == 1
     assert run.state is RunState.COMPLETED
+
+
+class FailsOnSignal:
+    """A model that waits for `go`, then fails: its error is written during an outage."""
+
+    id = "failing"
+    provider = "test"
+
+    def __init__(self) -> None:
+        self.go = threading.Event()
+
+    def stream_turn(self, messages, tools) -> Iterator:
+        self.go.wait(10)
+        raise ModelError("the provider is down")
+        yield  # a generator, like every model
+
+
+def fail_through_an_outage(store, outage) -> StoredRun:
+    """A run whose model fails while `outage()` holds the store: fail() must be retried."""
+    model = FailsOnSignal()
+    app = create_app({"STORE": store, "SWEEP_INTERVAL_SECONDS": 3600,
+                      "AGENTS": [Agent(id="failing", model=model)]})
+    try:
+        started = service_of(app).create_run("failing", "go", None, None)
+        wait_until(lambda: "ModelRequestStarted" in events_of(store, started.run_id),
+                   timeout=10, what="the model turn to start")
+        blocker = threading.Thread(target=outage)
+        blocker.start()
+        time.sleep(0.3)
+        model.go.set()
+        blocker.join(10)
+        wait_until(lambda: store.get_run(started.run_id).state.is_final, timeout=15,
+                   what="the error to be written")
+        return store.get_run(started.run_id)
+    finally:
+        model.go.set()
+        app.extensions["agentos"].executor.shutdown(wait=True)
+
+
+def sqlite_lock(path: str, seconds: float):
+    def outage() -> None:
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        time.sleep(seconds)
+        blocker.execute("COMMIT")
+        blocker.close()
+    return outage
+
+
+def redis_stop(server: RedisServer, seconds: float):
+    def outage() -> None:
+        os.kill(server.process.pid, signal.SIGSTOP)
+        time.sleep(seconds)
+        os.kill(server.process.pid, signal.SIGCONT)
+    return outage
+
+
+def test_an_error_written_during_a_sqlite_lock_is_retried(tmp_path):
+    path = str(tmp_path / "fail.db")
+    store = SqliteRunStore(path, busy_timeout=0.2)
+    try:
+        run = fail_through_an_outage(store, sqlite_lock(path, 1.5))
+    finally:
+        store.close()
+    assert run.state is RunState.ERRORED and run.doc["content"] == "the provider is down"
+
+
+def test_an_error_written_during_a_redis_stall_is_retried(private_redis):
+    store = RedisRunStore(private_redis.url, prefix="fail", socket_timeout=0.5)
+    try:
+        run = fail_through_an_outage(store, redis_stop(private_redis, 1.5))
+    finally:
+        store.close()
+    assert run.state is RunState.ERRORED and run.doc["content"] == "the provider is down"
 
 
 # -- 6: Redis at maxmemory --------------------------------------------------------------------
