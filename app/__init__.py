@@ -15,6 +15,7 @@ from app.errors import register_error_handlers
 from app.runtime.agent import Agent, load_agents
 from app.runtime.executor import RunExecutor
 from app.runtime.service import RunService, Settings
+from app.runtime.sessions import SessionService
 from app.schemas import strict_json
 from statemachine.store import RunStore
 
@@ -73,7 +74,8 @@ def _runtime(settings: dict[str, Any], config: dict[str, Any]) -> AgentOS:
         pause_ttl_seconds=settings["PAUSE_TTL_SECONDS"],
         retain_seconds=settings["RUN_RETENTION_SECONDS"]), executor)
     executor.sweep = service.sweep
-    return AgentOS(settings, store, agents, service, executor, datetime.now(UTC).isoformat())
+    return AgentOS(settings, store, agents, service, executor, datetime.now(UTC).isoformat(),
+                   SessionService(service))
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
@@ -93,9 +95,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
 
 def _register(app: Flask) -> None:
-    from app.views import approvals, meta, runs
+    from app.views import approvals, meta, runs, sessions
 
-    for blueprint in (meta.bp, runs.bp, approvals.bp):
+    for blueprint in (meta.bp, runs.bp, approvals.bp, sessions.bp):
         app.register_blueprint(blueprint)
     register_error_handlers(app)
 

@@ -10,7 +10,11 @@ from flask import current_app
 from app.runtime.agent import Agent
 from app.runtime.executor import RunExecutor
 from app.runtime.service import RunService
+from app.runtime.sessions import SessionService
 from statemachine.store import RunStore
+
+# The id of this server's one database, as `/config` names it and `db_id` queries must say.
+DB_ID = "agentos-db"
 
 
 @dataclass
@@ -21,6 +25,7 @@ class AgentOS:
     service: RunService
     executor: RunExecutor
     instantiated_at: str
+    sessions: SessionService
 
 
 def agentos() -> AgentOS:
