@@ -98,7 +98,8 @@ return 0
 """
 
 # KEYS: session hash, session runs. ARGV: session_id, agent_id, user_id ('' none), message,
-# now, run_id. Makes the session or joins it; answers {code, agent_id, user_id} of the session.
+# now, run_id, exclusive ('1' refuses another user's session). Makes the session or joins it;
+# answers {code, agent_id, user_id} of the session.
 LINK_SESSION = """
 local owner = redis.call('HGET', KEYS[1], 'user_id')
 if not owner then
@@ -108,7 +109,7 @@ if not owner then
   redis.call('ZADD', KEYS[2], ARGV[5], ARGV[6])
   return {1, ARGV[2], ARGV[3]}
 end
-if owner ~= '' and ARGV[3] ~= '' and owner ~= ARGV[3] then return {-6} end
+if ARGV[7] == '1' and owner ~= ARGV[3] then return {-6} end
 redis.call('HSETNX', KEYS[1], 'first_message', ARGV[4])
 local agent = redis.call('HGET', KEYS[1], 'agent_id')
 if agent == '' then

@@ -457,7 +457,7 @@ class RedisRunStore:
         keys = [self.keys.session(link.session_id), self.keys.session_runs(link.session_id)]
         out = self._link_session(keys=keys, args=[
             link.session_id, link.agent_id, link.user_id or "", link.message,
-            repr(link.now), run_id])
+            repr(link.now), run_id, "1" if link.exclusive else ""])
         if out[0] == -6:
             raise SessionOwnedElsewhere(link.session_id)
         agent_id, user_id = out[1] or None, out[2] or None

@@ -657,7 +657,7 @@ def _link_session(db: sqlite3.Connection, link: SessionLink) -> None:
         )
         return
     owner = row["user_id"]
-    if owner is not None and link.user_id is not None and owner != link.user_id:
+    if link.exclusive and owner != link.user_id:
         raise SessionOwnedElsewhere(link.session_id)
     db.execute(
         "UPDATE sessions SET updated_at = MAX(updated_at, ?), "

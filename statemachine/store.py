@@ -171,8 +171,10 @@ class SessionLink:
     """What a new run tells the store about its session, written with (or before) the run.
 
     The session is made if it is new (owned by `user_id`, of `agent_id`, named by `message`
-    until renamed); an existing one gets the run and a new `updated_at`, unless it belongs
-    to another user (`SessionOwnedElsewhere`, and the run is not stored).
+    until renamed); an existing one gets the run and a new `updated_at`. With `exclusive`
+    (the user is authenticated, JWT mode) a session that belongs to another user is refused
+    (`SessionOwnedElsewhere`, and the run is not stored); without it user ids are only
+    labels the client chose, and runs of several of them may share a session.
     """
 
     session_id: str
@@ -180,6 +182,7 @@ class SessionLink:
     user_id: str | None
     message: str
     now: float
+    exclusive: bool = False
 
 
 @dataclass

@@ -108,17 +108,18 @@ class RunService:
     # -- create ---------------------------------------------------------------------------
 
     def create_run(self, agent_id: str, text: str, session_id: str | None,
-                   user_id: str | None) -> Started:
+                   user_id: str | None, *, exclusive: bool = False) -> Started:
         """Store a new RUNNING run with `RunStarted`, then execute it in the background.
 
         The run's session is made (or joined) by the store in the same write where it can
         (SQLite), else as a hint written just before (Redis, see `RedisRunStore.create_run`).
+        `exclusive` (an authenticated user) refuses to join another user's session.
         """
         agent = self.agent(agent_id)
         run = self._new_run(agent, text, session_id or new_id(), user_id)
         started = event(run.doc, "RunStarted", model=agent.model.id,
                         model_provider=agent.model.provider)
-        link = SessionLink(run.session_id, agent.id, user_id, text, run.created_at)
+        link = SessionLink(run.session_id, agent.id, user_id, text, run.created_at, exclusive)
         self.executor.reserve()
         try:
             run.version = self.store.create_run(run, [started], link).version
