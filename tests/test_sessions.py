@@ -333,3 +333,17 @@ def test_sessions_through_gunicorn_on_redis(redis_url, redis_prefix):
         assert requests.get(f"{base}/sessions", timeout=10).json()["data"] == []
     finally:
         server.stop()
+
+
+def test_every_session_route_is_in_the_document(app, client):
+    document = client.get("/openapi.json").json
+    routes = {(rule.rule.replace("<", "{").replace(">", "}"), method.lower())
+              for rule in app.url_map.iter_rules() if rule.rule.startswith("/sessions")
+              for method in rule.methods - {"HEAD", "OPTIONS"}}
+    assert routes and all(method in document["paths"].get(path, {})
+                          for path, method in routes), routes
+    ops = {op["operationId"] for path, item in document["paths"].items()
+           if path.startswith("/sessions") for op in item.values()}
+    assert ops == {"get_sessions", "create_session", "delete_sessions", "get_session_by_id",
+                   "update_session", "delete_session", "rename_session", "get_session_runs",
+                   "get_session_run"}
