@@ -424,15 +424,24 @@ class RenameSessionSchema(JsonBodySchema):
 
 
 class DeleteSessionsSchema(JsonBodySchema):
-    session_ids = fields.List(_id(), required=True,
+    """Items are checked here, not by item fields, so each field has one list of messages."""
+
+    session_ids = fields.List(fields.Raw(allow_none=True), required=True,
                               validate=validate.Length(min=1, max=MAX_SESSION_IDS))
-    session_types = fields.List(fields.String(validate=validate.OneOf(SESSION_TYPES)),
-                                load_default=None)
+    session_types = fields.List(fields.Raw(allow_none=True), load_default=None)
 
     @validates_schema
-    def _same_length(self, data: dict[str, Any], **kwargs: Any) -> None:
-        types = data.get("session_types")
-        if types is not None and len(types) != len(data.get("session_ids", [])):
+    def _items(self, data: dict[str, Any], **kwargs: Any) -> None:
+        ids, types = data.get("session_ids", []), data.get("session_types")
+        if any(not isinstance(i, str) or not 1 <= len(i) <= MAX_ID_LENGTH for i in ids):
+            raise ValidationError(f"Each id must be 1 to {MAX_ID_LENGTH} characters.",
+                                  "session_ids")
+        if types is None:
+            return
+        if any(t not in SESSION_TYPES for t in types):
+            raise ValidationError(f"Each type must be one of {', '.join(SESSION_TYPES)}.",
+                                  "session_types")
+        if len(types) != len(ids):
             raise ValidationError("Session IDs and session types must have the same length",
                                   "session_types")
 
