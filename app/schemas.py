@@ -426,19 +426,24 @@ class RenameSessionSchema(JsonBodySchema):
 class DeleteSessionsSchema(JsonBodySchema):
     """Items are checked here, not by item fields, so each field has one list of messages."""
 
-    session_ids = fields.List(fields.Raw(allow_none=True), required=True,
-                              validate=validate.Length(min=1, max=MAX_SESSION_IDS))
-    session_types = fields.List(fields.Raw(allow_none=True), load_default=None)
+    session_ids = fields.Raw(required=True, metadata={
+        "type": "array", "minItems": 1, "maxItems": MAX_SESSION_IDS,
+        "items": {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH}})
+    session_types = fields.Raw(load_default=None, metadata={
+        "type": "array", "items": {"type": "string", "enum": list(SESSION_TYPES)}})
 
     @validates_schema
     def _items(self, data: dict[str, Any], **kwargs: Any) -> None:
-        ids, types = data.get("session_ids", []), data.get("session_types")
+        ids, types = data.get("session_ids"), data.get("session_types")
+        if not isinstance(ids, list) or not 1 <= len(ids) <= MAX_SESSION_IDS:
+            raise ValidationError(f"Must be a list of 1 to {MAX_SESSION_IDS} ids.",
+                                  "session_ids")
         if any(not isinstance(i, str) or not 1 <= len(i) <= MAX_ID_LENGTH for i in ids):
             raise ValidationError(f"Each id must be 1 to {MAX_ID_LENGTH} characters.",
                                   "session_ids")
         if types is None:
             return
-        if any(t not in SESSION_TYPES for t in types):
+        if not isinstance(types, list) or any(t not in SESSION_TYPES for t in types):
             raise ValidationError(f"Each type must be one of {', '.join(SESSION_TYPES)}.",
                                   "session_types")
         if len(types) != len(ids):
