@@ -180,3 +180,17 @@ def test_redis_keeps_a_fresh_run_hint_and_drops_an_old_dead_one(request, tmp_pat
         assert store.redis.zscore(store.keys.sessions("created_at"), "ghost") is None
     finally:
         store.close()
+
+
+def test_concurrent_first_runs_make_one_session_holding_every_run(store):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def worker(index: int) -> list[str]:
+        return [linked(store, "s-race", f"m{index}-{n}").run_id for n in range(5)]
+
+    with ThreadPoolExecutor(8) as pool:
+        made = [run_id for ids in pool.map(worker, range(8)) for run_id in ids]
+    found = store.get_session("s-race")
+    assert found.first_message.startswith("m")
+    assert sorted(r.run_id for r in store.session_runs("s-race")) == sorted(made)
+    assert page(store) == (["s-race"], 1)

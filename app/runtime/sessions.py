@@ -101,8 +101,8 @@ class SessionService:
         self.visible(access)
         return self.store.update_session(access.session_id, changes, time.time())
 
-    def session_runs(self, access: SessionAccess, limit: int = SESSION_RUNS_LIMIT,
-                     ) -> list[StoredRun]:
+    def session_runs(self, access: SessionAccess,
+                     limit: int = SESSION_RUNS_LIMIT) -> list[StoredRun]:
         """The session's runs the caller may see, oldest first, each settled (a run whose
         worker was lost or whose pause expired is ended before it is shown)."""
         self.visible(access)
