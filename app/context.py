@@ -13,9 +13,6 @@ from app.runtime.service import RunService
 from app.runtime.sessions import SessionService
 from statemachine.store import RunStore
 
-# The id of this server's one database, as `/config` names it and `db_id` queries must say.
-DB_ID = "agentos-db"
-
 
 @dataclass
 class AgentOS:
@@ -26,6 +23,11 @@ class AgentOS:
     executor: RunExecutor
     instantiated_at: str
     sessions: SessionService
+
+    @property
+    def db_id(self) -> str:
+        """The one database id the reference's clients see (agents' `db_id`, `/config`)."""
+        return f"{self.settings['AGENTOS_ID']}-db"
 
 
 def agentos() -> AgentOS:

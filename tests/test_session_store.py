@@ -32,8 +32,8 @@ def linked(store, session_id: str = "s1", message: str = "hello", *, agent_id: s
     """A new run created with a link to `session_id`; the run as stored."""
     now = time.time() if now is None else now
     run = new_run(agent_id=agent_id, session_id=session_id, user_id=user_id, created_at=now)
-    store.create_run(run, [ev("RunStarted")],
-                     SessionLink(session_id, agent_id, user_id, message, now, exclusive))
+    store.create_run(run, [ev("RunStarted")], session=SessionLink(
+        session_id, agent_id, user_id, message, now, exclusive))
     return store.get_run(run.run_id)
 
 
@@ -64,7 +64,8 @@ def test_an_exclusive_run_cannot_join_another_users_session(store):
     linked(store, user_id="alice", now=T0)
     run = new_run(session_id="s1", user_id="bob")
     with pytest.raises(SessionOwnedElsewhere):
-        store.create_run(run, [], SessionLink("s1", "agent-a", "bob", "hi", T0 + 1, True))
+        store.create_run(run, [], session=SessionLink("s1", "agent-a", "bob", "hi", T0 + 1,
+                                                       True))
     with pytest.raises(RunNotFound):
         store.get_run(run.run_id)
     linked(store, user_id="bob", now=T0 + 2)  # without exclusive: a label, not an owner

@@ -122,7 +122,7 @@ class RunService:
         link = SessionLink(run.session_id, agent.id, user_id, text, run.created_at, exclusive)
         self.executor.reserve()
         try:
-            run.version = self.store.create_run(run, [started], link).version
+            run.version = self.store.create_run(run, [started], session=link).version
         except BaseException:
             self.executor.release()
             raise

@@ -12,7 +12,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 
 from app.auth import identity, requires
-from app.context import DB_ID, agentos
+from app.context import agentos
 from app.errors import ApiError
 from app.representation import session_detail, session_page, session_run
 from app.runtime.sessions import HISTORY_RUNS_LIMIT, NewSession, SessionAccess
@@ -190,7 +190,7 @@ def _agent_type(query: dict[str, Any], access: SessionAccess | None = None) -> N
 
 def check_db(query: dict[str, Any]) -> None:
     """`db_id`, when given, must name this server's one store (the reference answers 404)."""
-    if query["db_id"] not in (None, DB_ID):
+    if query["db_id"] not in (None, agentos().db_id):
         raise ApiError(404, f"Database with id '{query['db_id']}' not found")
 
 
