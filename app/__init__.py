@@ -18,6 +18,7 @@ from app.errors import register_error_handlers
 from app.runtime.agent import Agent, load_agents
 from app.runtime.executor import RunExecutor
 from app.runtime.service import AgentNotFound, RunService, Settings
+from app.runtime.sessions import SessionService
 from app.schemas import strict_json
 from statemachine.errors import ApprovalNotFound, RunNotFound
 from statemachine.store import RunStore
@@ -82,7 +83,8 @@ def _runtime(settings: dict[str, Any], config: dict[str, Any]) -> AgentOS:
         pause_ttl_seconds=settings["PAUSE_TTL_SECONDS"],
         retain_seconds=settings["RUN_RETENTION_SECONDS"]), executor)
     executor.sweep = service.sweep
-    return AgentOS(settings, store, agents, service, executor, datetime.now(UTC).isoformat())
+    return AgentOS(settings, store, agents, service, executor, datetime.now(UTC).isoformat(),
+                   SessionService(service))
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
@@ -108,10 +110,10 @@ _NOT_FOUND: dict[str, type[Exception]] = {
 
 
 def _register(app: Flask) -> None:
-    from app.views import approvals, meta, runs
+    from app.views import approvals, meta, runs, sessions
 
     app.url_map.merge_slashes = False  # `//` is the JSON 404, never a 308 to a merged path
-    for blueprint in (meta.bp, runs.bp, approvals.bp):
+    for blueprint in (meta.bp, runs.bp, approvals.bp, sessions.bp):
         app.register_blueprint(blueprint)
     register_error_handlers(app)
 

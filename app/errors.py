@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException
 from app.runtime.executor import ExecutorBusy
 from app.runtime.resolution import ToolInputError
 from app.runtime.service import AgentNotFound, ApprovalAwaitingContinue, IdempotencyMismatch
+from app.runtime.sessions import SessionBusy, SessionTooLarge
 from statemachine.errors import (
     ApprovalAlreadyResolved,
     ApprovalNotFound,
@@ -23,6 +24,9 @@ from statemachine.errors import (
     ApprovalStillPending,
     InvalidTransition,
     RunNotFound,
+    SessionExists,
+    SessionNotFound,
+    SessionOwnedElsewhere,
     StaleRun,
     StoreUnavailable,
 )
@@ -109,6 +113,15 @@ HANDLERS: list[tuple[type[BaseException], Any]] = [
     (AgentNotFound, lambda e: error_response(404, "Agent not found")),
     (RunNotFound, lambda e: error_response(404, "Run not found")),
     (ApprovalNotFound, lambda e: error_response(404, "Approval not found")),
+    (SessionNotFound, lambda e: error_response(404, "Session not found")),
+    (SessionExists, lambda e: error_response(409, "A session with this id already exists")),
+    (SessionOwnedElsewhere, lambda e: error_response(
+        409, "This session_id is already in use by another user")),
+    (SessionBusy, lambda e: error_response(
+        409, "The session has a run executing and cannot be deleted; cancel it or wait "
+             "until it pauses or ends", run_id=e.run_id)),
+    (SessionTooLarge, lambda e: error_response(
+        409, "The session has more runs than one deletion takes")),
     (ToolInputError, lambda e: error_response(400, e.detail)),
     (ApprovalAlreadyResolved, lambda e: error_response(409, str(e))),
     (ApprovalStillPending, lambda e: error_response(409, str(e))),

@@ -35,6 +35,7 @@ from statemachine.store import (
     Remember,
     RunQuery,
     RunStore,
+    SessionLink,
     StoredRun,
 )
 
@@ -112,15 +113,21 @@ class RunService:
     # -- create ---------------------------------------------------------------------------
 
     def create_run(self, agent_id: str, text: str, session_id: str | None,
-                   user_id: str | None) -> Started:
-        """Store a new RUNNING run with `RunStarted`, then execute it in the background."""
+                   user_id: str | None, *, exclusive: bool = False) -> Started:
+        """Store a new RUNNING run with `RunStarted`, then execute it in the background.
+
+        The run's session is made (or joined) by the store in the same write where it can
+        (SQLite), else as a hint written just before (Redis, see `RedisRunStore.create_run`).
+        `exclusive` (an authenticated user) refuses to join another user's session.
+        """
         agent = self.agent(agent_id)
         run = self._new_run(agent, text, session_id or new_id(), user_id)
         started = event(run.doc, "RunStarted", model=agent.model.id,
                         model_provider=agent.model.provider)
+        link = SessionLink(run.session_id, agent.id, user_id, text, run.created_at, exclusive)
         self.executor.reserve()
         try:
-            run.version = self.store.create_run(run, [started]).version
+            run.version = self.store.create_run(run, [started], session=link).version
         except BaseException:
             self.executor.release()
             raise
@@ -272,6 +279,10 @@ class RunService:
         if self._settle(run):
             run = self.store.get_run(access.run_id)
         return run
+
+    def settled(self, run: StoredRun) -> StoredRun:
+        """`run` as it stands after settling a lapsed lease or an expired pause."""
+        return self.store.get_run(run.run_id) if self._settle(run) else run
 
     def current_state(self, run_id: str) -> RunState:
         """The run's state after settling a lapsed lease or an expired pause."""

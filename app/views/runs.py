@@ -48,7 +48,7 @@ def create_run(agent_id: str) -> Response:
     form = CREATE_FORM.load(request.form)
     user_id = identity().user_id or form["user_id"]
     started = agentos().service.create_run(agent_id, form["message"], form["session_id"],
-                                           user_id)
+                                           user_id, exclusive=identity().owner is not None)
     return run_answer(agent_id, started, form["stream"])
 
 
