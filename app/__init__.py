@@ -20,7 +20,7 @@ from app.runtime.executor import RunExecutor
 from app.runtime.service import AgentNotFound, RunService, Settings
 from app.runtime.sessions import SessionService
 from app.schemas import strict_json
-from statemachine.errors import ApprovalNotFound, RunNotFound
+from statemachine.errors import ApprovalNotFound, RunNotFound, SessionNotFound
 from statemachine.store import RunStore
 
 __all__ = ["create_app"]
@@ -106,6 +106,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
 _NOT_FOUND: dict[str, type[Exception]] = {
     "agent_id": AgentNotFound, "run_id": RunNotFound, "approval_id": ApprovalNotFound,
+    "session_id": SessionNotFound,
 }
 
 

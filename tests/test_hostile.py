@@ -111,12 +111,14 @@ def test_a_path_id_the_server_could_not_have_made_is_not_found(client, bad_id):
                          ("get", f"/agents/{bad_id}"),
                          ("post", f"/agents/{bad_id}/runs"),
                          ("get", f"/approvals/{bad_id}"),
-                         ("post", f"/approvals/{bad_id}/resolve")]:
+                         ("post", f"/approvals/{bad_id}/resolve"),
+                         ("get", f"/sessions/{bad_id}"),
+                         ("get", f"/sessions/{bad_id}/runs")]:
         answer = getattr(client, method)(path)
         assert answer.status_code == 404, (path, answer.get_data(as_text=True))
         assert answer.json["error_code"] == "NOT_FOUND"
         assert answer.json["detail"] in ("Run not found", "Agent not found",
-                                         "Approval not found")
+                                         "Approval not found", "Session not found")
 
 
 def test_an_idempotency_key_never_reaches_a_key_name(client, store, store_kind):
