@@ -2,12 +2,13 @@
 
 The demo agents answer at once; `slow-agent`'s model thinks for `SLOW_MODEL_MS` (a run waiting
 on a model), and `long-tool-agent` calls a tool that takes `LONG_TOOL_SECONDS` of blocking
-work (`time.sleep` stands for a tool that does not cooperate with gevent).
+work that never yields to gevent (an unpatched sleep stands for a C driver or CPU work).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Any
 
@@ -17,10 +18,17 @@ from app.runtime.models.scripted import PlannedCall, ScriptedModel, tool_results
 from app.runtime.tools import tool
 
 
+def _blocking_sleep(seconds: float) -> None:
+    """A sleep that never yields to gevent: stands for a C driver or CPU-bound work."""
+    monkey = sys.modules.get("gevent.monkey")
+    sleep = monkey.get_original("time", "sleep") if monkey is not None else time.sleep
+    sleep(seconds)
+
+
 @tool
 def long_task(name: str) -> str:
-    """Work that takes LONG_TOOL_SECONDS."""
-    time.sleep(float(os.environ.get("LONG_TOOL_SECONDS", "30")))
+    """Work that takes LONG_TOOL_SECONDS and blocks its thread all along."""
+    _blocking_sleep(float(os.environ.get("LONG_TOOL_SECONDS", "30")))
     return f"finished {name}"
 
 

@@ -67,19 +67,49 @@ def connect(port: int, payload: bytes) -> Exchange:
     return Exchange(sock)
 
 
-def pump(exchanges: list[Exchange], *, until, timeout: float, step: float = 0.2) -> None:
-    """Read every open connection until `until(exchanges)` is true, all closed, or `timeout`."""
+def pump(exchanges: list[Exchange], *, until, timeout: float, step: float = 0.2,
+         feed=None) -> None:
+    """Read every open connection until `until(exchanges)` is true, all closed, or `timeout`.
+
+    `feed()`, when given, is asked on every round for new connections to add (a ramp); the
+    pump goes on while it may still give some (it returns None once it is done).
+    """
     selector = selectors.DefaultSelector()
     for exchange in exchanges:
         if exchange.closed_at is None:
             selector.register(exchange.sock, selectors.EVENT_READ, exchange)
     deadline = time.monotonic() + timeout
     try:
-        while selector.get_map() and time.monotonic() < deadline and not until(exchanges):
+        while time.monotonic() < deadline:
+            if feed is not None:
+                fresh = feed()
+                if fresh is None:
+                    feed = None
+                for exchange in fresh or []:
+                    exchanges.append(exchange)
+                    selector.register(exchange.sock, selectors.EVENT_READ, exchange)
+            if feed is None and (not selector.get_map() or until(exchanges)):
+                break
             for key, _ in selector.select(step):
                 _read(selector, key.data)
     finally:
         selector.close()
+
+
+def ramp(port: int, payload: bytes, count: int, per_second: float):
+    """A `feed` for `pump`: `count` connections, opened at `per_second`."""
+    started, opened = time.monotonic(), 0
+
+    def feed() -> list[Exchange] | None:
+        nonlocal opened
+        if opened >= count:
+            return None
+        due = min(count, int((time.monotonic() - started) * per_second) + 1)
+        batch = [connect(port, payload) for _ in range(due - opened)]
+        opened = due
+        return batch
+
+    return feed
 
 
 def _read(selector: selectors.BaseSelector, exchange: Exchange) -> None:

@@ -66,6 +66,9 @@ def test_sigterm_during_a_long_tool_ends_the_run_with_worker_shutdown(redis_serv
         wait_until(lambda: any(e["event"] == "ToolCallStarted" for e in seen), 10,
                    what="the long tool to start")
         run_id = seen[0]["run_id"]
+        probe = time.monotonic()
+        assert keepalive.get(f"{server.url}/health", timeout=5).status_code == 200
+        assert time.monotonic() - probe < 1.0, "a blocking tool must not freeze its worker"
         stopped_at = time.monotonic()
         os.kill(server.process.pid, signal.SIGTERM)
         time.sleep(0.5)
