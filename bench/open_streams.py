@@ -41,6 +41,7 @@ class Prober(threading.Thread):
     def __init__(self, url: str) -> None:
         super().__init__(daemon=True)
         self.url, self.latencies, self.failed = url, [], 0
+        self.at: list[float] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -49,6 +50,7 @@ class Prober(threading.Thread):
             try:
                 requests.get(f"{self.url}/health", timeout=2).raise_for_status()
                 self.latencies.append(time.monotonic() - started)
+                self.at.append(started)
             except requests.RequestException:
                 self.failed += 1
             self.stop.wait(0.25)
@@ -66,6 +68,7 @@ def measure(worker_class: str, redis: RedisServer, args: argparse.Namespace) -> 
         streams: list = []
         prober = Prober(server.url)
         prober.start()
+        ramp_ends = time.monotonic() + args.streams / args.rate
         holding: list[int] = []
         sample_at = time.monotonic() + args.streams / args.rate + args.ping + 1
 
@@ -78,7 +81,10 @@ def measure(worker_class: str, redis: RedisServer, args: argparse.Namespace) -> 
              feed=ramp(server.port, payload, args.streams, args.rate))
         prober.stop.set()
         prober.join(5)
-        return _figures(worker_class, args, streams, prober, idle, holding)
+        figures = _figures(worker_class, args, streams, prober, idle, holding)
+        held = [t for t, at in zip(prober.latencies, prober.at, strict=True) if at > ramp_ends]
+        figures["/health max ms, all open"] = round(max(held, default=float("nan")) * 1000, 1)
+        return figures
     finally:
         close_all(streams)
         server.stop()
