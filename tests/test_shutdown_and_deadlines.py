@@ -97,13 +97,14 @@ def test_frozen_redis_answers_every_request_within_the_deadline(redis_server):
         paused = [[requests.post(f"{server.url}/agents/confirm-agent/runs", timeout=5,
                                  data={"message": f"m{i}", "stream": "false"}).json()["run_id"]
                    for i in range(6)] for _ in range(8)]
+        reads = [runs[0] for runs in paused]
         outcomes: list[tuple[str, int, float]] = []
         stop = threading.Event()
 
         def client(index: int) -> None:
             session = requests.Session()
             while not stop.is_set():
-                for what, call in _requests(server.url, paused[index]):
+                for what, call in _requests(server.url, paused[index], reads[index]):
                     if what == "continue" and not paused[index]:
                         continue
                     started = time.monotonic()
@@ -129,10 +130,9 @@ def test_frozen_redis_answers_every_request_within_the_deadline(redis_server):
         server.stop()
 
 
-def _requests(url: str, run_ids: list[str]):
+def _requests(url: str, run_ids: list[str], run_id: str):
     """One round of reads and writes; a continue takes a paused run of its own (never 409)."""
     tools = json.dumps([{"tool_call_id": "call_1_1", "confirmed": True}])
-    run_id = run_ids[-1] if run_ids else "-"
 
     def continue_one(s: requests.Session) -> requests.Response:
         return s.post(f"{url}/agents/confirm-agent/runs/{run_ids.pop()}/continue",
