@@ -26,6 +26,15 @@ def gevent_active() -> bool:
     return bool(monkey is not None and monkey.is_module_patched("socket"))
 
 
+def _outcome(call: Callable[[], T]) -> tuple[bool, Any]:
+    """The call's result or its exception, as a value: gevent's pool would print (as an
+    unhandled error) every exception a task raises, domain errors like RunNotFound included."""
+    try:
+        return True, call()
+    except BaseException as exc:  # re-raised, traceback and all, in the calling greenlet
+        return False, exc
+
+
 class Offload:
     """A lazily built pool of `size` OS threads per process (again after a fork)."""
 
@@ -42,7 +51,10 @@ class Offload:
         if not gevent_active():
             return call()
         context = contextvars.copy_context()
-        return self._threads().apply(context.run, (call,))
+        done, outcome = self._threads().apply(context.run, (_outcome, call))
+        if not done:
+            raise outcome
+        return outcome
 
     def _threads(self) -> Any:
         if self._pool is None or self._pid != os.getpid():

@@ -115,7 +115,9 @@ def hold_streams(server: Gunicorn, count: int, model_seconds: float, ping: float
 
 
 def test_150_streams_wait_on_a_slow_model_while_health_and_continues_answer(redis_server):
-    server = serve(redis_server, SLOW_MODEL_MS="4000", STREAM_PING_SECONDS="1")
+    # Leases of 2 s: the runs complete only if every worker renews its runs' leases meanwhile.
+    server = serve(redis_server, SLOW_MODEL_MS="4000", STREAM_PING_SECONDS="1",
+                   RUN_LEASE_SECONDS="2")
     try:
         hold_streams(server, 150, model_seconds=4, ping=1)
     finally:
@@ -124,7 +126,7 @@ def test_150_streams_wait_on_a_slow_model_while_health_and_continues_answer(redi
 
 @pytest.mark.long
 def test_1000_streams_wait_on_a_20s_model_while_health_and_continues_answer(redis_server):
-    server = serve(redis_server, SLOW_MODEL_MS="20000")
+    server = serve(redis_server, SLOW_MODEL_MS="20000", RUN_LEASE_SECONDS="6")
     try:
         hold_streams(server, 1000, model_seconds=20, ping=15)
     finally:

@@ -48,8 +48,9 @@ def _events(lines: Iterator[bytes], seen: list[dict]) -> None:
 
 
 def test_sigterm_during_a_long_tool_ends_the_run_with_worker_shutdown(redis_server):
+    # A 2 s lease outlives the 4 s grace only if it is renewed while the tool blocks.
     server, prefix = _serve(redis_server, GUNICORN_GRACEFUL_TIMEOUT="4",
-                            LONG_TOOL_SECONDS="60")
+                            LONG_TOOL_SECONDS="60", RUN_LEASE_SECONDS="2")
     store = RedisRunStore(redis_server.url, prefix=prefix)
     try:
         paused = requests.post(f"{server.url}/agents/confirm-agent/runs", timeout=5,
