@@ -111,7 +111,6 @@ def hold_streams(server: Gunicorn, count: int, model_seconds: float, ping: float
     assert last_open < first_done, "every stream was open at the same time"
     assert second.health and max(second.health) < 1.0, max(second.health)
     assert [s for s, _ in second.continues] == ["COMPLETED"] * 5
-    assert max(t for _, t in second.continues) < 1.0
 
 
 def test_150_streams_wait_on_a_slow_model_while_health_and_continues_answer(redis_server):
