@@ -147,3 +147,16 @@ def _requests(url: str, run_ids: list[str], run_id: str):
         ("continue", continue_one),
         ("deep health", lambda s: s.get(f"{url}/health?deep=1", timeout=10)),
     ]
+
+
+def test_instances_on_one_host_never_share_a_control_socket(tmp_path):
+    quiet = Gunicorn({"AGENTOS_DB": str(tmp_path / "a.db"), "LOG_LEVEL": "debug"},
+                     workers=1).start()
+    own = Gunicorn({"AGENTOS_DB": str(tmp_path / "b.db"),
+                    "GUNICORN_CONTROL_SOCKET": str(tmp_path / "b.ctl")}, workers=1).start()
+    try:
+        assert "Control socket disabled" in quiet.log()
+        wait_until(lambda: (tmp_path / "b.ctl").is_socket(), 5, what="b's own control socket")
+    finally:
+        quiet.stop()
+        own.stop()
