@@ -6,6 +6,7 @@ whose model thinks for HOLD seconds (opened at RATE a second), and while they ar
 `/health` from a second client. It prints, per class: the streams that got their headers and
 the ones that got a `: ping`, /health latency (p50, max, and probes that failed within 2 s),
 and the workers' memory (RSS, idle and while holding the streams, per worker and per stream).
+`--sqlite DIR` measures the embedded store instead of Redis.
 
     python -m bench.open_streams [--streams 1000] [--hold 20] [--rate 200] [--threads 8]
 """
@@ -57,9 +58,11 @@ class Prober(threading.Thread):
 
 
 def measure(worker_class: str, redis: RedisServer, args: argparse.Namespace) -> dict:
-    env = {"REDIS_URL": redis.url, "REDIS_KEY_PREFIX": f"bench{time.monotonic_ns()}",
-           "AGENTOS_AGENTS": "tests.load_agents:agents", "GUNICORN_WORKER_CLASS": worker_class,
-           "SLOW_MODEL_MS": str(int(args.hold * 1000)), "STREAM_PING_SECONDS": str(args.ping)}
+    store = ({"AGENTOS_DB": f"{args.sqlite}/bench{time.monotonic_ns()}.db"} if args.sqlite
+             else {"REDIS_URL": redis.url, "REDIS_KEY_PREFIX": f"bench{time.monotonic_ns()}"})
+    env = {**store, "AGENTOS_AGENTS": "tests.load_agents:agents",
+           "GUNICORN_WORKER_CLASS": worker_class, "SLOW_MODEL_MS": str(int(args.hold * 1000)),
+           "STREAM_PING_SECONDS": str(args.ping)}
     server = Gunicorn(env, workers=2, threads=args.threads).start()
     try:
         idle = rss_kb(server.worker_pids())
@@ -115,6 +118,7 @@ def main() -> None:
     parser.add_argument("--ping", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--classes", default="gthread,gevent")
+    parser.add_argument("--sqlite", metavar="DIR", help="the embedded store, a file in DIR")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
