@@ -48,6 +48,7 @@ def install(worker: Any) -> None:
 
     worker.handle_exit = handle_exit
     signal.signal(signal.SIGTERM, handle_exit)
+    signal.siginterrupt(signal.SIGTERM, False)  # as gunicorn set it: requests go on undisturbed
 
 
 def _stop(worker: Any) -> None:
