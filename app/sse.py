@@ -21,7 +21,11 @@ MIMETYPE = "text/event-stream; charset=utf-8"
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 PING = b": ping\n\n"
 TERMINAL_EVENTS = frozenset({"RunPaused", "RunCompleted", "RunError", "RunCancelled"})
-_WAIT_SLICE = 1.0
+# The longest single wait for new events. Every event of a run (a pause, an end, a cancel, the
+# sweep's RunError for a lost worker) wakes the wait at once, so the slice only bounds how
+# often an idle stream re-reads its run: with thousands of idle streams per worker, that
+# re-read is most of their cost. The store caps it further (Redis: below its socket timeout).
+_WAIT_SLICE = 5.0
 _OUTAGE_POLL = 0.2
 # Line breaks that JSON leaves raw but some event-stream readers split on: escaped, so no
 # line a user wrote can become a line of the stream.
@@ -56,10 +60,10 @@ def follow(
     deadline = time.monotonic() + max_seconds
     quiet_since = time.monotonic()
     down_since: float | None = None
-    wait_slice = min(_WAIT_SLICE, ping_seconds)
     while time.monotonic() < deadline:
         try:
-            events = _next_events(store, run_id, after, current_state, deadline, wait_slice)
+            events = _next_events(store, run_id, after, current_state,
+                                  _wait(deadline, quiet_since, ping_seconds))
             down_since = None
         except StoreUnavailable:
             down_since = down_since or time.monotonic()
@@ -82,16 +86,21 @@ def follow(
 
 
 def _next_events(store: RunStore, run_id: str, after: int,
-                 current_state: Callable[[str], RunState], deadline: float,
-                 wait_slice: float) -> list[StoredEvent] | None:
-    """The next events (maybe none after waiting a slice); None when nothing more will come."""
+                 current_state: Callable[[str], RunState],
+                 wait: float) -> list[StoredEvent] | None:
+    """The next events (maybe none after waiting up to `wait`); None when no more will come."""
     events = store.read_events(run_id, after)
     if events:
         return events
     if not current_state(run_id).is_executing:
         return store.read_events(run_id, after) or None  # a last commit may have landed
-    remaining = max(0.0, deadline - time.monotonic())
-    return store.wait_events(run_id, after, min(wait_slice, remaining))
+    return store.wait_events(run_id, after, wait)
+
+
+def _wait(deadline: float, quiet_since: float, ping_seconds: float) -> float:
+    """Wait for events no longer than the slice, the next ping, or the stream's end."""
+    now = time.monotonic()
+    return max(0.0, min(_WAIT_SLICE, deadline - now, quiet_since + ping_seconds - now))
 
 
 def sse_body(events: Iterator[StoredEvent | None]) -> Iterator[bytes]:
