@@ -367,6 +367,9 @@ class RunService:
                 run = self.store.get_run(run_id)
                 if not run.state.is_executing or run.lease_owner != self.executor.owner:
                     return False
+                if run.cancel_requested:  # its client was told it would be cancelled
+                    self._end(run, Trigger.CANCEL, "RunCancelled", reason=CANCELLED_BY_CLIENT)
+                    return True
                 self._end(run, Trigger.FAIL, "RunError", content=WORKER_SHUTDOWN,
                           error_type="WorkerShutdown")
                 return True
