@@ -195,7 +195,7 @@ def run_answer(agent_id: str, started: Started, stream: bool) -> Response:
         return stream_response(agent_id, started.run_id, started.after)
     os = agentos()
     with deadline.budget(None):  # waiting for the run is not store work: no request budget
-        for _ in _follow(started.run_id, started.after):
+        for _ in _follow(started.run_id, started.after, outages=False):
             pass
     with deadline.budget(os.settings["STORE_TIMEOUT_SECONDS"]):
         run = os.store.get_run(started.run_id)
@@ -207,13 +207,15 @@ def stream_response(agent_id: str, run_id: str, after: int) -> Response:
     location = url_for("runs.run_events", agent_id=agent_id, run_id=run_id,
                        last_event_id=after)
     headers = {**HEADERS, "Location": location}
-    return Response(sse_body(_follow(run_id, after)), status=200, content_type=MIMETYPE,
-                    headers=headers)
+    return Response(sse_body(_follow(run_id, after, outages=True)), status=200,
+                    content_type=MIMETYPE, headers=headers)
 
 
-def _follow(run_id: str, after: int):
+def _follow(run_id: str, after: int, *, outages: bool):
+    """Follow the run; a stream waits a store outage out for a lease (its pings keep the
+    client), while a `stream=false` answer is a 503 at once (it must answer in its budget)."""
     os = agentos()
     return follow(os.store, run_id, after, os.service.current_state,
                   ping_seconds=os.settings["STREAM_PING_SECONDS"],
                   max_seconds=os.settings["STREAM_MAX_SECONDS"],
-                  outage_seconds=os.settings["RUN_LEASE_SECONDS"])
+                  outage_seconds=os.settings["RUN_LEASE_SECONDS"] if outages else 0.0)
