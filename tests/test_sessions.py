@@ -347,3 +347,14 @@ def test_every_session_route_is_in_the_document(app, client):
     assert ops == {"get_sessions", "create_session", "delete_sessions", "get_session_by_id",
                    "update_session", "delete_session", "rename_session", "get_session_runs",
                    "get_session_run"}
+
+
+def test_session_runs_take_the_reference_time_window(client):
+    first = run(client)
+    sid = first["session_id"]
+    run(client, session_id=sid)
+    now = int(time.time())
+    assert len(client.get(f"/sessions/{sid}/runs?created_after={now - 60}").json) == 2
+    assert client.get(f"/sessions/{sid}/runs?created_after={now + 60}").json == []
+    assert client.get(f"/sessions/{sid}/runs?created_before={now - 60}").json == []
+    assert client.get(f"/sessions/{sid}/runs?created_before=x").status_code == 422

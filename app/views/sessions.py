@@ -22,6 +22,7 @@ from app.schemas import (
     DeleteSessionsSchema,
     RenameSessionSchema,
     SessionQuerySchema,
+    SessionRunsQuerySchema,
     SessionsQuerySchema,
     UpdateSessionSchema,
 )
@@ -32,6 +33,7 @@ bp = Blueprint("sessions", __name__)
 
 LIST_QUERY = SessionsQuerySchema()
 ONE_QUERY = SessionQuerySchema()
+RUNS_QUERY = SessionRunsQuerySchema()
 CREATE_BODY = CreateSessionSchema()
 UPDATE_BODY = UpdateSessionSchema()
 RENAME_BODY = RenameSessionSchema()
@@ -110,12 +112,13 @@ def rename_session(session_id: str) -> Response:
 @bp.get("/sessions/<session_id>/runs")
 @requires("sessions:read")
 def get_session_runs(session_id: str) -> Response:
-    query = ONE_QUERY.load(request.args)
+    query = RUNS_QUERY.load(request.args)
     check_db(query)
     access = session_access(session_id, query)
     _agent_type(query, access)
     store = agentos().store
-    runs = agentos().sessions.session_runs(access)
+    runs = [run for run in agentos().sessions.session_runs(access)
+            if _within(run.created_at, query["created_after"], query["created_before"])]
     return jsonify([session_run(run, store.read_events(run.run_id)) for run in runs])
 
 
@@ -168,6 +171,12 @@ def session_access(session_id: str, query: dict[str, Any]) -> SessionAccess:
     if owner is not None and query["user_id"] not in (None, owner):
         raise SessionNotFound(session_id)
     return SessionAccess(session_id, owner, None if owner is not None else query["user_id"])
+
+
+def _within(created_at: float, after: int | None, before: int | None) -> bool:
+    """The reference's window on a run's `created_at` (epoch seconds, ends included)."""
+    at = int(created_at)
+    return (after is None or at >= after) and (before is None or at <= before)
 
 
 def _user_filter(user_id: str | None) -> tuple[str | None, bool]:
