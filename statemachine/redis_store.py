@@ -459,6 +459,7 @@ class RedisRunStore:
             link.session_id, link.agent_id, link.user_id or "", link.message,
             repr(link.now), run_id, "1" if link.exclusive else ""])
         if out[0] == -6:
+            self._restore_updated(link.session_id)
             raise SessionOwnedElsewhere(link.session_id)
         agent_id, user_id = out[1] or None, out[2] or None
         if (agent_id, user_id) != (link.agent_id, link.user_id):
@@ -473,19 +474,29 @@ class RedisRunStore:
         return [self.keys.sessions(sort_by, a, u) for a, u in scopes]
 
     def _hint_session(self, session_id: str, agent_id: str | None, user_id: str | None,
-                      created_at: float | None, updated_at: float) -> None:
+                      created_at: float | None, updated_at: float, new: bool = False) -> None:
+        """Listing hints: a session's creation time (never replacing an entry) and a later
+        `updated_at` (only ever moving it forward; a `new` session's never replaces one)."""
         pipe = self.redis.pipeline(transaction=False)
         if created_at is not None:
             for key in self._index_keys("created_at", agent_id, user_id):
                 pipe.zadd(key, {session_id: created_at}, nx=True)
         for key in self._index_keys("updated_at", agent_id, user_id):
-            pipe.zadd(key, {session_id: updated_at}, gt=True)
+            pipe.zadd(key, {session_id: updated_at}, nx=new, gt=not new)
+        pipe.execute()
+
+    def _restore_updated(self, session_id: str) -> None:
+        """Put back the stored `updated_at` after a hint for a write that did not happen."""
+        session = self.get_session(session_id)
+        pipe = self.redis.pipeline(transaction=False)
+        for key in self._index_keys("updated_at", session.agent_id, session.user_id):
+            pipe.zadd(key, {session_id: session.updated_at}, xx=True)
         pipe.execute()
 
     @_guarded
     def create_session(self, session: StoredSession) -> None:
         self._hint_session(session.session_id, session.agent_id, session.user_id,
-                           session.created_at, session.updated_at)
+                           session.created_at, session.updated_at, new=True)
         fields = {
             "session_id": session.session_id, "agent_id": session.agent_id or "",
             "user_id": session.user_id or "", "session_state": dumps(session.session_state),
