@@ -13,7 +13,7 @@ from flask import Flask, Response, jsonify
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
-from app.runtime.executor import ExecutorBusy
+from app.runtime.executor import ExecutorBusy, ShuttingDown
 from app.runtime.resolution import ToolInputError
 from app.runtime.service import AgentNotFound, ApprovalAwaitingContinue, IdempotencyMismatch
 from app.runtime.sessions import SessionBusy, SessionTooLarge
@@ -40,6 +40,7 @@ _HTTP_CODES = {
     403: "FORBIDDEN",
     404: "NOT_FOUND",
     405: "METHOD_NOT_ALLOWED",
+    408: "REQUEST_TIMEOUT",
     409: "CONFLICT",
     413: "PAYLOAD_TOO_LARGE",
     415: "UNSUPPORTED_MEDIA_TYPE",
@@ -132,6 +133,9 @@ HANDLERS: list[tuple[type[BaseException], Any]] = [
                                              "processed; read it again")),
     (StoreUnavailable, lambda e: error_response(
         503, "The run store is unavailable; retry later", headers={"Retry-After": "1"})),
+    (ShuttingDown, lambda e: error_response(
+        503, "This server is shutting down and takes no new runs; retry",
+        headers={"Retry-After": "1"})),
     (ExecutorBusy, lambda e: error_response(
         503, "Every execution slot of this server is busy; retry later",
         headers={"Retry-After": "1"})),

@@ -17,7 +17,7 @@ import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from statemachine import lua
+from statemachine import deadline, lua
 from statemachine.errors import (
     ApprovalNotFound,
     ApprovalStillPending,
@@ -68,6 +68,7 @@ def _guarded(method: Callable[..., T]) -> Callable[..., T]:
 
     @functools.wraps(method)
     def wrapper(*args: Any, **kwargs: Any) -> T:
+        deadline.check("redis")
         try:
             return method(*args, **kwargs)
         except _UNAVAILABLE as exc:
@@ -78,6 +79,27 @@ def _guarded(method: Callable[..., T]) -> Callable[..., T]:
             raise
 
     return wrapper
+
+
+class _DeadlineBound:
+    """Connection mixin: no command starts once the request's store budget is spent, and no
+    reply is awaited longer than what is left of it (a frozen server costs one budget per
+    request, not one socket timeout per call)."""
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        deadline.check("redis")
+        super().send_packed_command(command, check_health)  # type: ignore[misc]
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        if deadline.remaining() is not None and "timeout" not in kwargs:
+            kwargs["timeout"] = deadline.cap(self.socket_timeout)  # type: ignore[attr-defined]
+        return super().read_response(*args, **kwargs)  # type: ignore[misc]
+
+
+def _bind_to_deadline(pool: redis.ConnectionPool) -> None:
+    """Give the pool's connection class (TCP, TLS or unix, as the URL chose) the mixin."""
+    base = pool.connection_class
+    pool.connection_class = type(f"Deadline{base.__name__}", (_DeadlineBound, base), {})
 
 
 def _opt_float(value: str | None) -> float | None:
@@ -145,6 +167,7 @@ class RedisRunStore:
             max_connections=max_connections,
             timeout=socket_timeout,
         )
+        _bind_to_deadline(pool)
         self.redis = redis.Redis(connection_pool=pool)
         self._block_cap = max(0.1, socket_timeout - 1.0)
         self._commit = self.redis.register_script(lua.COMMIT)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -16,6 +17,8 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+from statemachine import deadline
+from statemachine.blocking import Offload
 from statemachine.errors import (
     ApprovalNotFound,
     ApprovalStillPending,
@@ -136,13 +139,22 @@ _RUN_COLUMNS = (
 )
 
 
+# sqlite3 blocks in C (a lock wait sleeps in the library): under gevent every call runs in one
+# of these OS threads, so a lock held by another process never freezes the worker's requests.
+_THREADS = Offload(int(os.environ.get("SQLITE_THREADS", "8") or 8), "sqlite")
+
+
 def _guarded(method: Callable[..., T]) -> Callable[..., T]:
-    """Turn a locked or unreadable database into StoreUnavailable (HTTP 503)."""
+    """Turn a locked or unreadable database into StoreUnavailable (HTTP 503).
+
+    A call made once the request's store deadline has passed is refused before it starts.
+    """
 
     @functools.wraps(method)
     def wrapper(*args: Any, **kwargs: Any) -> T:
+        deadline.check("sqlite")
         try:
-            return method(*args, **kwargs)
+            return _THREADS.run(method, *args, **kwargs)
         except sqlite3.OperationalError as exc:
             raise StoreUnavailable(f"sqlite: {exc}") from exc
 
@@ -216,13 +228,26 @@ class SqliteRunStore:
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One BEGIN IMMEDIATE transaction: committed whole, or rolled back whole."""
         db = self._connection()
-        db.execute("BEGIN IMMEDIATE")
+        capped = self._cap_lock_wait(db)
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        finally:
+            if capped:
+                db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
         try:
             yield db
         except BaseException:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
+
+    def _cap_lock_wait(self, db: sqlite3.Connection) -> bool:
+        """Wait for the write lock no longer than the request's store budget has left."""
+        wait = deadline.cap(self.busy_timeout)
+        if wait is None or wait >= self.busy_timeout:
+            return False
+        db.execute(f"PRAGMA busy_timeout={max(1, int(wait * 1000))}")
+        return True
 
     def _read(self) -> sqlite3.Connection:
         return self._connection()
@@ -340,12 +365,12 @@ class SqliteRunStore:
 
     def wait_events(self, run_id: str, after: int, timeout: float) -> list[StoredEvent]:
         """Poll for events after `after` for up to `timeout` seconds."""
-        deadline = time.monotonic() + timeout
+        until = time.monotonic() + timeout
         while True:
             events = self.read_events(run_id, after)
-            if events or time.monotonic() >= deadline:
+            if events or time.monotonic() >= until:
                 return events
-            time.sleep(min(_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+            time.sleep(min(_POLL_SECONDS, max(0.0, until - time.monotonic())))
 
     @_guarded
     def list_runs(self, query: RunQuery) -> list[StoredRun]:
