@@ -27,7 +27,7 @@ from app.schemas import (
     UpdateSessionSchema,
 )
 from statemachine.errors import SessionNotFound
-from statemachine.store import SessionQuery, StoredSession
+from statemachine.store import RunStore, SessionQuery, StoredEvent, StoredRun, StoredSession
 
 bp = Blueprint("sessions", __name__)
 
@@ -119,7 +119,7 @@ def get_session_runs(session_id: str) -> Response:
     store = agentos().store
     runs = [run for run in agentos().sessions.session_runs(access)
             if _within(run.created_at, query["created_after"], query["created_before"])]
-    return jsonify([session_run(run, store.read_events(run.run_id)) for run in runs])
+    return jsonify([session_run(run, every_event(store, run)) for run in runs])
 
 
 @bp.get("/sessions/<session_id>/runs/<run_id>")
@@ -130,7 +130,7 @@ def get_session_run(session_id: str, run_id: str) -> Response:
     access = session_access(session_id, query)
     _agent_type(query, access)
     run = agentos().sessions.session_run(access, run_id)
-    return jsonify(session_run(run, agentos().store.read_events(run.run_id)))
+    return jsonify(session_run(run, every_event(agentos().store, run)))
 
 
 @bp.delete("/sessions/<session_id>")
@@ -155,6 +155,11 @@ def delete_sessions() -> Response:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+def every_event(store: RunStore, run: StoredRun) -> list[StoredEvent]:
+    """All of the run's events as it was read (never a truncated prefix)."""
+    return store.read_events(run.run_id, 0, max(run.last_seq, 1))
 
 
 def detail(session: StoredSession) -> dict[str, Any]:
