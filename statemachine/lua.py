@@ -98,8 +98,9 @@ return 0
 """
 
 # KEYS: session hash, session runs. ARGV: session_id, agent_id, user_id ('' none), message,
-# now, run_id, exclusive ('1' refuses another user's session). Makes the session or joins it;
-# answers {code, agent_id, user_id} of the session.
+# now, run_id, exclusive ('1' refuses another user's session). Makes the session (code 1) or
+# joins it (0; 2 when it had no agent and takes the run's); answers {code, agent_id, user_id,
+# created_at} of the session.
 LINK_SESSION = """
 local owner = redis.call('HGET', KEYS[1], 'user_id')
 if not owner then
@@ -107,20 +108,22 @@ if not owner then
     'first_message', ARGV[4], 'session_state', '{}', 'created_at', ARGV[5],
     'updated_at', ARGV[5])
   redis.call('ZADD', KEYS[2], ARGV[5], ARGV[6])
-  return {1, ARGV[2], ARGV[3]}
+  return {1, ARGV[2], ARGV[3], ARGV[5]}
 end
 if ARGV[7] == '1' and owner ~= ARGV[3] then return {-6} end
 redis.call('HSETNX', KEYS[1], 'first_message', ARGV[4])
+local code = 0
 local agent = redis.call('HGET', KEYS[1], 'agent_id')
 if agent == '' then
   agent = ARGV[2]
+  code = 2
   redis.call('HSET', KEYS[1], 'agent_id', agent)
 end
 if tonumber(ARGV[5]) > tonumber(redis.call('HGET', KEYS[1], 'updated_at')) then
   redis.call('HSET', KEYS[1], 'updated_at', ARGV[5])
 end
 redis.call('ZADD', KEYS[2], ARGV[5], ARGV[6])
-return {0, agent, owner}
+return {code, agent, owner, redis.call('HGET', KEYS[1], 'created_at')}
 """
 
 # KEYS: session hash. ARGV: the field/value pairs of a new session (JSON object).

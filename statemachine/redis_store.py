@@ -485,8 +485,18 @@ class RedisRunStore:
             self._restore_updated(link.session_id)
             raise SessionOwnedElsewhere(link.session_id)
         agent_id, user_id = out[1] or None, out[2] or None
+        if out[0] == 2:  # the session took the run's agent: its agent indexes are new
+            self._index_created(link.session_id, agent_id, user_id, float(out[3]))
         if (agent_id, user_id) != (link.agent_id, link.user_id):
             self._hint_session(link.session_id, agent_id, user_id, None, link.now)
+
+    def _index_created(self, session_id: str, agent_id: str | None, user_id: str | None,
+                       created_at: float) -> None:
+        """The session's true creation time in its indexes (the hint had the run's time)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for key in self._index_keys("created_at", agent_id, user_id):
+            pipe.zadd(key, {session_id: created_at})
+        pipe.execute()
 
     def _index_keys(self, sort_by: str, agent_id: str | None,
                     user_id: str | None) -> list[str]:

@@ -207,3 +207,12 @@ def test_refused_writes_leave_the_updated_order_alone(store):
             "a", "agent-a", "bob", "hi", T0 + 6, True))
     assert page(store, sort_by="updated_at") == (["b", "a"], 2)
     assert store.get_session("a").updated_at == T0
+
+
+def test_a_session_made_without_an_agent_is_listed_by_its_first_runs_agent(store):
+    store.create_session(session("early", T0, agent_id=None))
+    store.create_session(session("later", T0 + 1, agent_id="agent-a"))
+    linked(store, "early", now=T0 + 2)
+    assert store.get_session("early").agent_id == "agent-a"
+    assert page(store, agent_id="agent-a") == (["later", "early"], 2)
+    assert page(store, agent_id="agent-a", sort_by="updated_at") == (["early", "later"], 2)
