@@ -9,6 +9,7 @@ from flask import current_app
 
 from app.runtime.agent import Agent
 from app.runtime.executor import RunExecutor
+from app.runtime.notifications import Deliverer
 from app.runtime.service import RunService
 from statemachine.store import RunStore
 
@@ -21,6 +22,8 @@ class AgentOS:
     service: RunService
     executor: RunExecutor
     instantiated_at: str
+    deliverer: Deliverer | None = None
+    gauges: Any = None
 
 
 def agentos() -> AgentOS:
