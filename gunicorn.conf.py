@@ -16,3 +16,32 @@ limit_request_line = 8190
 accesslog = os.environ.get("GUNICORN_ACCESSLOG") or None
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info")
+
+
+# -- Prometheus multiprocess mode (issue 15) ----------------------------------------------------
+# Every worker writes its metrics to files in one directory that /metrics aggregates. Unless
+# PROMETHEUS_MULTIPROC_DIR is given, each master makes a private temporary one (inherited by
+# its workers) and removes it on exit; a dead worker's live gauges are dropped as it exits.
+_PROMETHEUS_DIR_MADE = None
+
+
+def on_starting(server):
+    global _PROMETHEUS_DIR_MADE
+    import tempfile
+
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        _PROMETHEUS_DIR_MADE = tempfile.mkdtemp(prefix="agentos-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = _PROMETHEUS_DIR_MADE
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    import shutil
+
+    if _PROMETHEUS_DIR_MADE:
+        shutil.rmtree(_PROMETHEUS_DIR_MADE, ignore_errors=True)
