@@ -314,7 +314,10 @@ class StoreGauges:
         self._lock = threading.Lock()
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        paused, pending = self._counts()
+        try:
+            paused, pending = self._counts()
+        except StoreUnavailable:
+            return  # the scrape still answers in an outage; store errors count it
         yield GaugeMetricFamily("agentos_paused_runs", "Runs waiting in PAUSED", value=paused)
         yield GaugeMetricFamily("agentos_pending_approvals", "Approvals waiting for an admin",
                                 value=pending)
