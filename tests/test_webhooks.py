@@ -210,10 +210,11 @@ def kill_all(server: Gunicorn) -> None:
     server.stop()
 
 
-def deliver_across_restart(env: dict[str, str], runs: int) -> None:
+def deliver_across_restart(env: dict[str, str], runs: int, metrics_dir) -> None:
     with Receiver(fail_first=3) as receiver:
         env = {**env, "WEBHOOK_URL": receiver.url, "WEBHOOK_SECRET": SECRET,
-               "WEBHOOK_TIMEOUT_SECONDS": "1", "WEBHOOK_POLL_SECONDS": "0.1"}
+               "WEBHOOK_TIMEOUT_SECONDS": "1", "WEBHOOK_POLL_SECONDS": "0.1",
+               "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
         first = Gunicorn(env=env, workers=2).start()
         try:
             expected = drive_runs(first.url, runs)
@@ -240,11 +241,13 @@ def deliver_across_restart(env: dict[str, str], runs: int) -> None:
 @pytest.mark.slow
 @pytest.mark.redis
 def test_every_notification_arrives_signed_once_by_id_across_a_restart_redis(
-        redis_url, redis_prefix):
-    deliver_across_restart({"REDIS_URL": redis_url, "REDIS_KEY_PREFIX": redis_prefix}, runs=3)
+        redis_url, redis_prefix, tmp_path):
+    deliver_across_restart({"REDIS_URL": redis_url, "REDIS_KEY_PREFIX": redis_prefix}, runs=3,
+                           metrics_dir=tmp_path)
 
 
 @pytest.mark.slow
 @pytest.mark.long
 def test_every_notification_arrives_signed_once_by_id_across_a_restart_sqlite(tmp_path):
-    deliver_across_restart({"AGENTOS_DB": str(tmp_path / "runs.db")}, runs=3)
+    deliver_across_restart({"AGENTOS_DB": str(tmp_path / "runs.db")}, runs=3,
+                           metrics_dir=tmp_path)
