@@ -218,7 +218,7 @@ async function openRun(agentId, runId, options) {
     const form = new URLSearchParams({ tools: "[]", stream: "true" });
     follow(agentId, runId, { method: "POST", url: base + "/continue", body: form, after: lastShown(run) });
   } else {
-    for (const event of run.events || []) addEvent(event, null);
+    (run.events || []).forEach((event, i) => addEvent(event, i + 1));
     if (run.status === "RUNNING") {
       const seen = (run.events || []).length;
       follow(agentId, runId, { url: base + "/events", after: seen, lastEventId: seen });
@@ -227,7 +227,10 @@ async function openRun(agentId, runId, options) {
   $("run-section").scrollIntoView({ block: "start" });
 }
 
-function lastShown(run) { for (const event of run.events || []) addEvent(event, null); return (run.events || []).length; }
+function lastShown(run) {
+  (run.events || []).forEach((event, i) => addEvent(event, i + 1));
+  return (run.events || []).length;
+}
 
 async function showRun(agentId, runId) {
   const run = await api("/agents/" + encodeURIComponent(agentId) + "/runs/" + encodeURIComponent(runId));
