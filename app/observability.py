@@ -160,14 +160,10 @@ def _route() -> str:
     return rule.rule if rule is not None else UNMATCHED_ROUTE
 
 
-def _run_id(response: Response) -> str | None:
-    """From the path, or (a create) from the `Location` of the stream it answers."""
+def _run_id() -> str | None:
+    """From the path, or the run a create made (the view notes it in `g.run_id`)."""
     args = request.view_args or {}
-    if args.get("run_id"):
-        return args["run_id"]
-    location = response.headers.get("Location", "")
-    match = re.search(r"/runs/([^/]+)", location)
-    return match.group(1) if match else None
+    return args.get("run_id") or g.get("run_id")
 
 
 def _begin() -> None:
@@ -185,7 +181,7 @@ def _finish(response: Response) -> Response:
         "path": request.path,
         "status": response.status_code,
         "agent_id": (request.view_args or {}).get("agent_id"),
-        "run_id": _run_id(response),
+        "run_id": _run_id(),
     }
     started = g.request_started
     response.call_on_close(lambda: _record(fields, started))

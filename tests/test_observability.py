@@ -36,6 +36,7 @@ def test_one_request_line_per_request_with_route_status_and_ids(client, caplog):
     lines = [r for r in caplog.records if r.name == "app.requests"]
     by_id = {r.request_id: r for r in lines}
     assert len(lines) == 2 and set(by_id) == {"req-create", "req-read"}
+    assert by_id["req-create"].run_id == created["run_id"]
     read = by_id["req-read"]
     assert (read.method, read.route, read.status, read.agent_id, read.run_id) == (
         "GET", "/agents/<agent_id>/runs/<run_id>", 200, "chat-agent", created["run_id"])
