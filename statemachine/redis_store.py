@@ -452,10 +452,12 @@ class RedisRunStore:
     def claim_outbox(self, now: float, lease_until: float, limit: int = 50) -> list[OutboxEntry]:
         """Lease due entries (until `lease_until`) so no other deliverer takes them meanwhile."""
         claimed: list[OutboxEntry] = []
-        for shard in range(OUTBOX_SHARDS):
-            index = self.keys.outbox_shard(shard)
-            for run_id, score in self.redis.zrangebyscore(index, "-inf", now, start=0,
-                                                          num=limit, withscores=True):
+        indexes = [self.keys.outbox_shard(shard) for shard in range(OUTBOX_SHARDS)]
+        pipe = self.redis.pipeline(transaction=False)
+        for index in indexes:
+            pipe.zrangebyscore(index, "-inf", now, start=0, num=limit, withscores=True)
+        for index, due in zip(indexes, pipe.execute(), strict=True):
+            for run_id, score in due:
                 claimed += self._claim_run(index, run_id, score, now, lease_until, limit)
                 if len(claimed) >= limit:
                     return claimed

@@ -482,7 +482,14 @@ class SqliteRunStore:
 
     @_guarded
     def claim_outbox(self, now: float, lease_until: float, limit: int = 50) -> list[OutboxEntry]:
-        """Lease due entries (until `lease_until`) so no other deliverer takes them meanwhile."""
+        """Lease due entries (until `lease_until`) so no other deliverer takes them meanwhile.
+
+        A read first: an idle outbox costs no write lock, however often it is polled."""
+        due = self._read().execute(
+            "SELECT 1 FROM outbox WHERE failed_at IS NULL AND next_at <= ? LIMIT 1", (now,)
+        ).fetchone()
+        if due is None:
+            return []
         with self._write() as db:
             rows = db.execute(
                 "SELECT entry_id, run_id, payload, created_at, attempts FROM outbox "

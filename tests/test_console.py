@@ -44,7 +44,7 @@ def server(tmp_path_factory):
     directory = tmp_path_factory.mktemp("console")
     gunicorn = Gunicorn(env={"AGENTOS_DB": str(directory / "runs.db"),
                              "OS_SECURITY_KEY": USER, "OS_ADMIN_KEY": ADMIN,
-                             "SCRIPTED_MODEL_LATENCY_MS": "700",
+                             "SCRIPTED_MODEL_LATENCY_MS": "1000",
                              "PROMETHEUS_MULTIPROC_DIR": str(directory)}, workers=2).start()
     yield gunicorn
     gunicorn.stop()
@@ -149,6 +149,21 @@ def test_a_user_key_sees_the_approval_but_no_approve_button(server, browser):
     assert browser.find_elements(By.CSS_SELECTOR, "button.approve") == []
     assert browser.find_element(By.ID, "approvals-readonly").is_displayed()
     assert "read-only" in browser.find_element(By.ID, "whoami").text
+    from selenium.webdriver.support.ui import Select
+
+    Select(browser.find_element(By.ID, "filter-agent")).select_by_value("approval-agent")
+    Select(browser.find_element(By.ID, "filter-status")).select_by_visible_text("PAUSED")
+    browser.find_element(By.CSS_SELECTOR, "#run-filter button").click()
+    row = f'#runs tr[data-run-id="{run["run_id"]}"]'
+
+    def filtered(driver):
+        agents = {r.find_elements(By.TAG_NAME, "td")[1].text
+                  for r in driver.find_elements(By.CSS_SELECTOR, "#runs tbody tr")}
+        statuses = {c.text for c in driver.find_elements(By.CSS_SELECTOR, "#runs td .status")}
+        return driver.find_elements(By.CSS_SELECTOR, row) and statuses == {"PAUSED"} \
+            and agents == {"approval-agent"}
+
+    until(browser, filtered, "only paused approval-agent runs, this one among them")
 
 
 def test_the_live_view_shows_the_events_of_a_run_as_it_executes(server, browser):
@@ -159,11 +174,7 @@ def test_the_live_view_shows_the_events_of_a_run_as_it_executes(server, browser)
                        headers={"Authorization": f"Bearer {USER}"},
                        data={"message": "live"}) as started:
         run_id = started.headers["Location"].split("/runs/")[1].split("/")[0]
-    browser.find_element(By.ID, "filter-agent").send_keys("chat")
-    browser.find_element(By.CSS_SELECTOR, "#run-filter button").click()
-    selector = f'#runs tr[data-run-id="{run_id}"]'
-    until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, selector), "the run listed")[0] \
-        .click()
+    browser.get(f"{server.url}/console#run=chat-agent/{run_id}")  # a link to the run
     until(browser, lambda d: d.find_element(By.ID, "run-id").text == run_id, "the run opened")
     at_open = event_names(browser)
     assert "RunCompleted" not in at_open, "the run ended before the page could follow it"

@@ -102,7 +102,15 @@ async function signIn() {
     (state.canResolve ? ": may resolve approvals" : ": read-only for approvals");
   fillAgents();
   await Promise.all([loadApprovals(), loadRuns()]);
+  openLinkedRun();
 }
+
+// `/console#run=<agent_id>/<run_id>` opens that run (a link a webhook receiver can post).
+function openLinkedRun() {
+  const match = /^#run=([^/]+)\/(.+)$/.exec(location.hash);
+  if (match) openRun(decodeURIComponent(match[1]), decodeURIComponent(match[2])).catch((err) => showError(err.message));
+}
+window.addEventListener("hashchange", openLinkedRun);
 
 function fillAgents() {
   const select = $("filter-agent");
