@@ -67,9 +67,13 @@ def browser():
 
 
 def until(driver, condition, what: str):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, WAIT, poll_frequency=0.1).until(condition, message=what)
+    # The page re-renders its tables as answers arrive: a row read mid-render is read again.
+    return WebDriverWait(driver, WAIT, poll_frequency=0.1,
+                         ignored_exceptions=[StaleElementReferenceException]).until(
+        condition, message=what)
 
 
 def sign_in(driver, base: str, key: str) -> None:
