@@ -81,6 +81,7 @@ def sign_in(driver, base: str, key: str) -> None:
 
     driver.get(f"{base}/console")
     driver.execute_script("sessionStorage.clear()")
+    driver.refresh()  # the page starts without the previous test's credential
     field = driver.find_element(By.ID, "credential")
     field.send_keys(key)
     driver.find_element(By.ID, "sign-in").click()

@@ -13,7 +13,8 @@ const TERMINAL = new Set(["RunPaused", "RunCompleted", "RunError", "RunCancelled
 const POLL_MS = 3000;
 const MAX_RECONNECTS = 20;
 
-const state = { canResolve: false, agents: [], follow: null, runKey: null };
+// `generation` counts sign-ins: answers that arrive for an earlier one are dropped.
+const state = { canResolve: false, agents: [], follow: null, runKey: null, generation: 0 };
 const $ = (id) => document.getElementById(id);
 
 function credential() { return sessionStorage.getItem(KEY) || ""; }
@@ -89,15 +90,21 @@ async function probeResolve() {
 }
 
 async function signIn() {
+  const generation = ++state.generation;
   showError("");
+  let agents, canResolve;
   try {
-    state.agents = await api("/agents");
+    agents = await api("/agents");
+    canResolve = await probeResolve();
   } catch (err) {
+    if (generation !== state.generation) return;
     $("whoami").textContent = err.status === 401 ? "Type the key or token the API expects." : "";
     showError(err.message);
     return;
   }
-  state.canResolve = await probeResolve();
+  if (generation !== state.generation) return;
+  state.agents = agents;
+  state.canResolve = canResolve;
   $("whoami").textContent = (credential() ? "Signed in" : "No credential (open server)") +
     (state.canResolve ? ": may resolve approvals" : ": read-only for approvals");
   fillAgents();
@@ -121,17 +128,30 @@ function fillAgents() {
 // -- approvals ----------------------------------------------------------------------------
 
 async function loadApprovals() {
+  const generation = state.generation;
   let page;
   try {
     page = await api("/approvals?status=pending&limit=100");
+    if (generation !== state.generation) return;
   } catch (err) {
+    if (generation !== state.generation) return;
     if (err.status === 403) { $("approvals-section").hidden = true; return; }
     throw err;
   }
   $("approvals-section").hidden = false;
   $("approvals-readonly").hidden = state.canResolve;
+  // Rows already shown are kept (a note being typed survives the refresh); new ones are
+  // added in the API's order, resolved ones removed.
   const body = $("approvals").tBodies[0];
-  body.replaceChildren(...page.data.map(approvalRow));
+  const shown = new Map([...body.rows].map((row) => [row.dataset.approvalId, row]));
+  const rows = page.data.map((approval) => {
+    const row = shown.get(approval.id) || approvalRow(approval);
+    if (row.dataset.canResolve !== String(state.canResolve)) return approvalRow(approval);
+    row.cells[4].textContent = age(approval.created_at);
+    return row;
+  });
+  rows.forEach((row, i) => { if (body.rows[i] !== row) body.insertBefore(row, body.rows[i] || null); });
+  while (body.rows.length > rows.length) body.deleteRow(rows.length);
   $("approvals-count").textContent = String(page.meta.total_count);
   $("approvals-empty").hidden = page.data.length > 0;
 }
@@ -139,6 +159,7 @@ async function loadApprovals() {
 function approvalRow(approval) {
   const row = document.createElement("tr");
   row.dataset.approvalId = approval.id;
+  row.dataset.canResolve = String(state.canResolve);
   cell(row, approval.agent_id);
   cell(row, approval.tool_name);
   cell(row, pre(approval.tool_args));
@@ -194,8 +215,10 @@ async function loadRuns() {
   const status = $("filter-status").value;
   const ids = agent ? [agent] : state.agents.map((a) => a.id);
   const query = "?limit=50" + (status ? "&status=" + encodeURIComponent(status) : "");
+  const generation = state.generation;
   const lists = await Promise.all(ids.map((id) =>
     api("/agents/" + encodeURIComponent(id) + "/runs" + query)));
+  if (generation !== state.generation) return;
   const runs = lists.flat().sort((a, b) => b.created_at - a.created_at).slice(0, 100);
   $("runs").tBodies[0].replaceChildren(...runs.map(runRow));
 }
