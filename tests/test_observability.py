@@ -13,6 +13,7 @@ import requests
 
 from app import create_app
 from statemachine.redis_store import RedisRunStore
+from statemachine.sqlite_store import SqliteRunStore
 from tests.servers import Gunicorn, RedisServer, wait_until
 
 
@@ -152,3 +153,24 @@ def _request_lines(server: Gunicorn, at_least: int) -> list[dict] | None:
                     str(line.get("request_id", "")).startswith("load-"):
                 lines.append(line)
     return lines if len(lines) >= at_least else None
+
+
+def test_the_console_and_its_assets_need_no_credentials_and_come_from_this_server(tmp_path):
+    store = SqliteRunStore(str(tmp_path / "runs.db"))
+    app = create_app({"STORE": store, "OS_SECURITY_KEY": "k", "OS_ADMIN_KEY": "a"})
+    client = app.test_client()
+    try:
+        page = client.get("/console")
+        assert page.status_code == 200 and page.content_type.startswith("text/html")
+        html = page.get_data(as_text=True)
+        assets = re.findall(r'(?:src|href)="([^"]+)"', html)
+        assert assets and all(url.startswith("/static/") for url in assets)
+        for url in assets:
+            answer = client.get(url)
+            assert answer.status_code == 200 and answer.get_data(), url
+            answer.close()
+        # the page holds no data: everything it shows comes from API calls that need the key
+        assert client.get("/approvals").status_code == 401
+    finally:
+        app.extensions["agentos"].executor.shutdown()
+        store.close()
