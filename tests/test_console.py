@@ -42,10 +42,12 @@ def _browser_or_skip():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     directory = tmp_path_factory.mktemp("console")
+    (directory / "metrics").mkdir()  # prometheus reads every *.db file there: its own only
     gunicorn = Gunicorn(env={"AGENTOS_DB": str(directory / "runs.db"),
                              "OS_SECURITY_KEY": USER, "OS_ADMIN_KEY": ADMIN,
                              "SCRIPTED_MODEL_LATENCY_MS": "1000",
-                             "PROMETHEUS_MULTIPROC_DIR": str(directory)}, workers=2).start()
+                             "PROMETHEUS_MULTIPROC_DIR": str(directory / "metrics")},
+                        workers=2).start()
     yield gunicorn
     gunicorn.stop()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 import uuid
 from collections import Counter
 
@@ -45,6 +46,23 @@ def test_one_request_line_per_request_with_route_status_and_ids(client, caplog):
     ended = [r for r in caplog.records if r.name == "app.lifecycle"
              and getattr(r, "run_id", None) == created["run_id"]]
     assert [r.event for r in ended] == ["RunCompleted"]  # tied to the request by its run id
+
+
+def test_a_lapsed_lease_settled_is_logged_and_counted_as_a_failure(app, client, store, caplog):
+    from tests.test_store_contract import new_run
+
+    caplog.set_level(logging.INFO, logger="app")
+    run = new_run(agent_id="chat-agent", lease_owner="a-worker-that-died",
+                  lease_until=time.time() - 1)
+    run.doc.update(messages=[], tools=[], input={"input_content": "x"})
+    store.create_run(run, [])
+    answer = client.get(f"/agents/chat-agent/runs/{run.run_id}")
+    assert answer.get_json()["status"] == "ERROR"
+    answer.close()
+    [line] = [r for r in caplog.records if r.name == "app.lifecycle"
+              and getattr(r, "run_id", None) == run.run_id]
+    assert line.getMessage() == "run errored: lapsed lease settled"
+    assert (line.event, line.reason) == ("RunError", "WorkerLost")
 
 
 @pytest.mark.parametrize("app_config", [{"METRICS_REQUIRE_AUTH": "1",

@@ -141,11 +141,12 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - the http.server API
                 body = self.rfile.read(int(self.headers["Content-Length"])).decode()
-                if receiver.failing:
-                    time.sleep(0.2)  # slow failures: the restart finds deliveries in flight
                 with receiver.lock:
                     receiver.answers += 1
                     fail = receiver.failing or receiver.answers <= receiver.fail_first
+                if fail:
+                    time.sleep(0.2)  # slow failures: the restart finds deliveries in flight
+                with receiver.lock:
                     if not fail:
                         receiver.received.append({
                             "id": self.headers["webhook-id"],
@@ -210,7 +211,9 @@ def kill_all(server: Gunicorn) -> None:
     server.stop()
 
 
-def deliver_across_restart(env: dict[str, str], runs: int, metrics_dir) -> None:
+def deliver_across_restart(env: dict[str, str], runs: int, directory) -> None:
+    metrics_dir = directory / "metrics"  # prometheus reads every *.db file there: its own
+    metrics_dir.mkdir()
     with Receiver(fail_first=3) as receiver:
         env = {**env, "WEBHOOK_URL": receiver.url, "WEBHOOK_SECRET": SECRET,
                "WEBHOOK_TIMEOUT_SECONDS": "1", "WEBHOOK_POLL_SECONDS": "0.1",
@@ -228,6 +231,7 @@ def deliver_across_restart(env: dict[str, str], runs: int, metrics_dir) -> None:
             wait_until(lambda: len(receiver.distinct()) >= total, 40,
                        what=f"{total} distinct deliveries")
             time.sleep(0.5)
+            metrics = requests.get(f"{second.url}/metrics", timeout=10).text
         finally:
             second.stop()
     distinct = receiver.distinct()
@@ -236,6 +240,10 @@ def deliver_across_restart(env: dict[str, str], runs: int, metrics_dir) -> None:
     assert types == expected
     for item in receiver.received:  # a duplicate is the same notification, byte for byte
         assert item["body"] == distinct[item["id"]]["body"]
+    delivered = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                    if line.startswith("agentos_webhook_deliveries_total{")
+                    and 'outcome="delivered"' in line)
+    assert delivered == len(receiver.received)  # each one by the restarted workers
 
 
 @pytest.mark.slow
@@ -243,11 +251,11 @@ def deliver_across_restart(env: dict[str, str], runs: int, metrics_dir) -> None:
 def test_every_notification_arrives_signed_once_by_id_across_a_restart_redis(
         redis_url, redis_prefix, tmp_path):
     deliver_across_restart({"REDIS_URL": redis_url, "REDIS_KEY_PREFIX": redis_prefix}, runs=3,
-                           metrics_dir=tmp_path)
+                           directory=tmp_path)
 
 
 @pytest.mark.slow
 @pytest.mark.long
 def test_every_notification_arrives_signed_once_by_id_across_a_restart_sqlite(tmp_path):
     deliver_across_restart({"AGENTOS_DB": str(tmp_path / "runs.db")}, runs=3,
-                           metrics_dir=tmp_path)
+                           directory=tmp_path)
