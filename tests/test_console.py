@@ -146,6 +146,20 @@ def test_an_admin_approves_a_paused_run_with_a_note_and_sees_it_complete(server,
         browser.save_screenshot(os.environ["CONSOLE_SCREENSHOT"])
 
 
+def test_a_rejection_with_a_note_reaches_the_model_and_the_page(server, browser):
+    from selenium.webdriver.common.by import By
+
+    run = paused_approval_run(server.url)
+    sign_in(browser, server.url, ADMIN)
+    row = approval_row(browser, run["tools"][0]["approval_id"])
+    row.find_element(By.CSS_SELECTOR, "input.note").send_keys("not on a Friday")
+    row.find_element(By.CSS_SELECTOR, "button.reject").click()
+    until(browser, lambda d: d.find_element(By.ID, "run-status").text == "COMPLETED",
+          "the rejected run to complete on the page")
+    assert "Not deployed: not on a Friday" in browser.find_element(By.ID, "transcript").text
+    assert "rejected: not on a Friday" in browser.find_element(By.ID, "tool-calls").text
+
+
 def test_a_user_key_sees_the_approval_but_no_approve_button(server, browser):
     from selenium.webdriver.common.by import By
 
