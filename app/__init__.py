@@ -6,18 +6,21 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import Flask
+from flask import Flask, g
 from flask.json.provider import DefaultJSONProvider
 
 from app.config import load_settings
 from app.context import AgentOS
 from app.errors import register_error_handlers
+from app.intake import BodyIntake
 from app.observability import ObservedStore, StoreGauges, count_slots, count_webhook, install
 from app.runtime.agent import Agent, load_agents
 from app.runtime.executor import RunExecutor
 from app.runtime.notifications import Deliverer, target_from
 from app.runtime.service import RunService, Settings
+from app.runtime.sessions import SessionService
 from app.schemas import strict_json
+from statemachine import deadline
 from statemachine.store import RunStore
 
 __all__ = ["create_app", "start_background"]
@@ -51,7 +54,8 @@ def build_store(settings: dict[str, Any]) -> RunStore:
         from statemachine.redis_store import RedisRunStore
 
         return RedisRunStore(settings["REDIS_URL"], prefix=settings["REDIS_KEY_PREFIX"],
-                             socket_timeout=timeout, outbox=outbox)
+                             socket_timeout=timeout, outbox=outbox,
+                             max_connections=settings["REDIS_MAX_CONNECTIONS"])
     from statemachine.sqlite_store import SqliteRunStore
 
     return SqliteRunStore(settings["AGENTOS_DB"], busy_timeout=timeout, outbox=outbox)
@@ -83,7 +87,7 @@ def _runtime(settings: dict[str, Any], config: dict[str, Any]) -> AgentOS:
     target = target_from(settings)
     deliverer = Deliverer(store, target, count_webhook) if target else None
     return AgentOS(settings, store, agents, service, executor, datetime.now(UTC).isoformat(),
-                   deliverer, StoreGauges(store))
+                   SessionService(service), deliverer, StoreGauges(store))
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
@@ -97,15 +101,17 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.json.sort_keys = False
     app.extensions["agentos"] = _runtime(settings, config)
     _register(app)
-    app.wsgi_app = _TrailingSlashTolerant(app.wsgi_app)  # type: ignore[method-assign]
+    app.wsgi_app = BodyIntake(  # type: ignore[method-assign]
+        _TrailingSlashTolerant(app.wsgi_app), timeout=settings["REQUEST_TIMEOUT_SECONDS"],
+        max_length=settings["MAX_CONTENT_LENGTH"])
     logging.getLogger("app").setLevel(logging.INFO)
     return app
 
 
 def _register(app: Flask) -> None:
-    from app.views import approvals, console, meta, runs
+    from app.views import approvals, console, meta, runs, sessions
 
-    for blueprint in (meta.bp, runs.bp, approvals.bp, console.bp):
+    for blueprint in (meta.bp, runs.bp, approvals.bp, sessions.bp, console.bp):
         app.register_blueprint(blueprint)
     register_error_handlers(app)
     install(app)
@@ -113,6 +119,16 @@ def _register(app: Flask) -> None:
     @app.before_request
     def _start_background() -> None:
         start_background(app)
+
+    @app.before_request
+    def _open_store_budget() -> None:
+        g.store_budget = deadline.open_budget(app.config["AGENTOS"]["STORE_TIMEOUT_SECONDS"])
+
+    @app.teardown_request
+    def _close_store_budget(_exc: BaseException | None) -> None:
+        token = g.pop("store_budget", None)
+        if token is not None:
+            deadline.close_budget(token)
 
 
 def start_background(app: Flask) -> None:

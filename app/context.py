@@ -11,6 +11,7 @@ from app.runtime.agent import Agent
 from app.runtime.executor import RunExecutor
 from app.runtime.notifications import Deliverer
 from app.runtime.service import RunService
+from app.runtime.sessions import SessionService
 from statemachine.store import RunStore
 
 
@@ -22,8 +23,14 @@ class AgentOS:
     service: RunService
     executor: RunExecutor
     instantiated_at: str
+    sessions: SessionService
     deliverer: Deliverer | None = None
     gauges: Any = None
+
+    @property
+    def db_id(self) -> str:
+        """The one database id the reference's clients see (agents' `db_id`, `/config`)."""
+        return f"{self.settings['AGENTOS_ID']}-db"
 
 
 def agentos() -> AgentOS:
