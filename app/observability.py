@@ -252,20 +252,20 @@ class ObservedStore:
             log.warning("store recovered after %.3fs", seconds,
                         extra={"outage_seconds": seconds})
 
-    def create_run(self, run: Any, events: list[dict[str, Any]]) -> Any:
-        result = self._observed("create_run", self._store.create_run)(run, events)
+    def create_run(self, *args: Any, **kwargs: Any) -> Any:
+        result = self._observed("create_run", self._store.create_run)(*args, **kwargs)
         TRANSITIONS.labels("start").inc()
         return result
 
-    def commit(self, commit: Any) -> Any:
-        result = self._observed("commit", self._store.commit)(commit)
+    def commit(self, commit: Any, *args: Any, **kwargs: Any) -> Any:
+        result = self._observed("commit", self._store.commit)(commit, *args, **kwargs)
         for event in commit.events:
             _lifecycle(commit, event)
         return result
 
-    def resolve_approval(self, approval: Any, expected_version: int, now: float) -> Any:
+    def resolve_approval(self, approval: Any, *args: Any, **kwargs: Any) -> Any:
         result = self._observed("resolve_approval", self._store.resolve_approval)(
-            approval, expected_version, now)
+            approval, *args, **kwargs)
         TRANSITIONS.labels("resolve_approval").inc()
         log.info("approval %s", approval.status,
                  extra={"run_id": approval.run_id, "agent_id": approval.doc.get("agent_id"),
