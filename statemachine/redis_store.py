@@ -29,6 +29,13 @@ from statemachine.errors import (
     StoreUnavailable,
 )
 from statemachine.keys import Keys
+from statemachine.outbox import (
+    OUTBOX_SHARDS,
+    OutboxEntry,
+    commit_entries,
+    resolution_entry,
+    shard_of,
+)
 from statemachine.states import RunState
 from statemachine.store import (
     APPROVAL_PENDING,
@@ -156,8 +163,10 @@ class RedisRunStore:
         prefix: str = "agentos",
         socket_timeout: float = 5.0,
         max_connections: int = 64,
+        outbox: bool = False,
     ) -> None:
         self.keys = Keys(prefix)
+        self.outbox = outbox
         pool = redis.BlockingConnectionPool.from_url(
             url,
             decode_responses=True,
@@ -180,6 +189,9 @@ class RedisRunStore:
         self._update_session = self.redis.register_script(lua.UPDATE_SESSION)
         self._delete_run = self.redis.register_script(lua.DELETE_RUN)
         self._delete_session = self.redis.register_script(lua.DELETE_SESSION)
+
+        self._claim = self.redis.register_script(lua.OUTBOX_CLAIM)
+        self._reschedule = self.redis.register_script(lua.OUTBOX_RESCHEDULE)
 
     # -- runs ---------------------------------------------------------------------------
 
@@ -262,7 +274,7 @@ class RedisRunStore:
             *map(dumps, commit.events),
             *(dumps(a.doc) for a in commit.approvals),
         ]
-        out = self._commit(keys=keys, args=args)
+        out = self._commit(*self._with_outbox(rid, keys, args, self._commit_entries(commit)))
         if out[0] == -1:
             raise RunNotFound(rid)
         if out[0] == -2:
@@ -427,9 +439,9 @@ class RedisRunStore:
         }
         keys = [self.keys.run(approval.run_id), self.keys.approval(approval.run_id,
                                                                   approval.approval_id)]
-        out = self._resolve(
-            keys=keys, args=[expected_version, approval.status, dumps(resolution), repr(now)]
-        )
+        entries = [resolution_entry(approval, now)] if self.outbox else []
+        args = [expected_version, approval.status, dumps(resolution), repr(now)]
+        out = self._resolve(*self._with_outbox(approval.run_id, keys, args, entries))
         return resolve_outcome(out[0], approval, out[1] if len(out) > 1 else None)
 
     @_guarded
@@ -687,6 +699,83 @@ class RedisRunStore:
             for index in self._index_keys(sort_by, session.agent_id, session.user_id):
                 pipe.zrem(index, session.session_id)
         pipe.execute()
+
+    # -- webhook outbox (issue 15) -------------------------------------------------------
+
+    def _commit_entries(self, commit: Commit) -> list[OutboxEntry]:
+        return commit_entries(commit) if self.outbox else []
+
+    def _with_outbox(self, run_id: str, keys: list[str], args: list[Any],
+                     entries: list[OutboxEntry]) -> tuple[list[str], list[Any]]:
+        """Append the outbox key and entries (the scripts' last key and ARGV tail); the
+        shard hint goes first, like every index hint, and is verified when claimed."""
+        if entries:
+            self.redis.zadd(self.keys.outbox_shard(shard_of(run_id)),
+                            {run_id: entries[0].created_at})
+        tail: list[Any] = []
+        for entry in entries:
+            tail += [entry.entry_id, entry.payload, repr(entry.created_at)]
+        return [*keys, self.keys.outbox(run_id)], [*args, *tail, len(entries)]
+
+    @_guarded
+    def claim_outbox(self, now: float, lease_until: float, limit: int = 50) -> list[OutboxEntry]:
+        """Lease due entries (until `lease_until`) so no other deliverer takes them meanwhile."""
+        claimed: list[OutboxEntry] = []
+        indexes = [self.keys.outbox_shard(shard) for shard in range(OUTBOX_SHARDS)]
+        pipe = self.redis.pipeline(transaction=False)
+        for index in indexes:
+            pipe.zrangebyscore(index, "-inf", now, start=0, num=limit, withscores=True)
+        for index, due in zip(indexes, pipe.execute(), strict=True):
+            for run_id, score in due:
+                claimed += self._claim_run(index, run_id, score, now, lease_until, limit)
+                if len(claimed) >= limit:
+                    return claimed
+        return claimed
+
+    def _claim_run(self, index: str, run_id: str, score: float, now: float,
+                   lease_until: float, limit: int) -> list[OutboxEntry]:
+        out = self._claim(keys=[self.keys.outbox(run_id)],
+                          args=[repr(now), repr(lease_until), limit])
+        self._reschedule(keys=[index], args=[run_id, repr(score), out[0]])
+        rows = out[1:]
+        return [OutboxEntry(entry_id=rows[i], run_id=run_id, payload=rows[i + 1],
+                            attempts=int(rows[i + 2]), created_at=float(rows[i + 3]))
+                for i in range(0, len(rows), 4)]
+
+    @_guarded
+    def settle_outbox(self, entry: OutboxEntry, *, delivered: bool,
+                      retry_at: float | None = None, error: str | None = None) -> None:
+        """Delivered: drop it. Else retry at `retry_at`, or (None) record it as failed."""
+        key, eid = self.keys.outbox(entry.run_id), entry.entry_id
+        fields = [f"p:{eid}", f"n:{eid}", f"t:{eid}", f"c:{eid}"]
+        pipe = self.redis.pipeline(transaction=True)
+        if delivered:
+            pipe.hdel(key, *fields)
+        elif retry_at is not None:
+            pipe.hset(key, f"n:{eid}", repr(retry_at))
+            pipe.hincrby(key, f"t:{eid}", 1)
+        else:
+            pipe.hset(self.keys.outbox_failed(entry.run_id), eid, dumps(
+                {"payload": entry.payload, "attempts": entry.attempts + 1, "error": error}))
+            pipe.hdel(key, *fields)
+        pipe.execute()
+        if retry_at is not None and not delivered:
+            self.redis.zadd(self.keys.outbox_shard(shard_of(entry.run_id)),
+                            {entry.run_id: retry_at}, lt=True)
+
+    @_guarded
+    def failed_outbox(self, run_id: str) -> list[dict[str, Any]]:
+        """The notifications of a run that were given up on, as recorded."""
+        return [json.loads(v) for v in self.redis.hvals(self.keys.outbox_failed(run_id))]
+
+    @_guarded
+    def count_paused_runs(self, limit: int = 10_000) -> int:
+        """Runs PAUSED now, checked against the runs behind the pause index (at most `limit`)."""
+        ids = self.redis.zrange(self.keys.paused(), 0, limit - 1)
+        pipe = self.redis.pipeline(transaction=False)
+        for run_id in ids:
+            pipe.hget(self.keys.run(run_id), "state")
+        return sum(1 for state in (pipe.execute() if ids else []) if state == "PAUSED")
 
     def close(self) -> None:
         self.redis.connection_pool.disconnect()
