@@ -84,3 +84,21 @@ class Keys:
         """
         digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
         return f"{self.prefix}:run:{{{run_id}}}:idem:{digest}"
+
+    # -- webhook outbox (issue 15) ------------------------------------------------------
+
+    def outbox(self, run_id: str) -> str:
+        """Hash: the run's undelivered notifications, fields `p:<id>` payload, `n:<id>` next
+        attempt (epoch seconds), `t:<id>` attempts, `c:<id>` creation time. In the run's slot,
+        so the commit script writes it atomically with the fact it announces."""
+        return f"{self.prefix}:run:{{{run_id}}}:outbox"
+
+    def outbox_failed(self, run_id: str) -> str:
+        """Hash: entry id -> JSON {payload, attempts, error} of notifications given up on."""
+        return f"{self.prefix}:run:{{{run_id}}}:outbox-failed"
+
+    def outbox_shard(self, shard: int) -> str:
+        """Sorted set: run_id scored by when its outbox should next be looked at (a hint,
+        written before the commit; verified by the claim). Tagged `{outbox:N}`: one slot per
+        shard in a Redis Cluster."""
+        return f"{self.prefix}:{{outbox:{shard}}}"
