@@ -11,6 +11,7 @@ from flask.json.provider import DefaultJSONProvider
 
 from app.config import load_settings
 from app.context import AgentOS
+from app.cors import enable_cors
 from app.errors import register_error_handlers
 from app.runtime.agent import Agent, load_agents
 from app.runtime.executor import RunExecutor
@@ -98,6 +99,7 @@ def _register(app: Flask) -> None:
     for blueprint in (meta.bp, runs.bp, approvals.bp):
         app.register_blueprint(blueprint)
     register_error_handlers(app)
+    enable_cors(app, app.config["AGENTOS"]["CORS_ORIGINS"])
 
     @app.before_request
     def _start_background() -> None:

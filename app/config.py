@@ -31,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "STREAM_PING_SECONDS": 15.0,
     "IDEMPOTENCY_TTL_SECONDS": 24 * 3600,
     "MAX_CONTENT_LENGTH": 1024 * 1024,
+    "CORS_ORIGINS": None,
 }
 
 _CASTS: dict[str, Any] = {

@@ -22,6 +22,11 @@ class AgentOS:
     executor: RunExecutor
     instantiated_at: str
 
+    @property
+    def db_id(self) -> str:
+        """The one database id the reference's clients see (agents' `db_id`, `/config`)."""
+        return f"{self.settings['AGENTOS_ID']}-db"
+
 
 def agentos() -> AgentOS:
     return current_app.extensions["agentos"]

@@ -10,7 +10,15 @@ import json
 import math
 from typing import Any
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import (
+    EXCLUDE,
+    Schema,
+    ValidationError,
+    fields,
+    pre_load,
+    validate,
+    validates_schema,
+)
 
 from statemachine.states import WIRE_STATUSES
 
@@ -95,14 +103,37 @@ class InputSchema(Schema):
         unknown = EXCLUDE
 
 
-class ContinueFormSchema(InputSchema):
+class FormSchema(InputSchema):
+    """A form or query: unknown fields are ignored, and an empty optional value is absent.
+
+    The reference treats `session_id=` like no session_id (the Agno Agent UI sends it to start
+    a new chat), so an empty string in an optional field falls back to its default. JSON
+    objects (tool objects) keep their empty strings: `result: ""` is a result.
+    """
+
+    @pre_load
+    def _empty_means_absent(self, data: Any, **kwargs: Any) -> Any:
+        if not hasattr(data, "items"):
+            return data
+        return {name: value for name, value in _first_values(data)
+                if not (value == "" and name in self.fields and not self.fields[name].required)}
+
+
+def _first_values(data: Any) -> list[tuple[str, Any]]:
+    """A form's or query's fields, the first value of each (as marshmallow reads them)."""
+    if hasattr(data, "to_dict"):
+        return list(data.to_dict().items())
+    return list(data.items())
+
+
+class ContinueFormSchema(FormSchema):
     tools = fields.String(load_default="", validate=validate.Length(max=MAX_TOOLS_LENGTH))
     session_id = _id(allow_none=True, load_default=None)
     user_id = _id(allow_none=True, load_default=None)
     stream = FormBool(load_default=True)
 
 
-class CreateRunFormSchema(InputSchema):
+class CreateRunFormSchema(FormSchema):
     message = fields.String(required=True, validate=validate.Length(min=1,
                                                                     max=MAX_MESSAGE_LENGTH))
     stream = FormBool(load_default=True)
@@ -143,7 +174,7 @@ class ToolInputSchema(InputSchema):
     approval_id = fields.String(allow_none=True)
 
 
-class ListRunsQuerySchema(InputSchema):
+class ListRunsQuerySchema(FormSchema):
     session_id = _id(load_default=None)
     user_id = _id(load_default=None)
     status = fields.String(load_default=None, validate=validate.OneOf(WIRE_STATUSES))
@@ -151,27 +182,27 @@ class ListRunsQuerySchema(InputSchema):
     page = fields.Integer(load_default=1, validate=validate.Range(min=1, max=1_000_000))
 
 
-class GetRunQuerySchema(InputSchema):
+class GetRunQuerySchema(FormSchema):
     session_id = _id(load_default=None)
 
 
-class EventsQuerySchema(InputSchema):
+class EventsQuerySchema(FormSchema):
     last_event_id = fields.Integer(load_default=None,
                                    validate=validate.Range(min=0, max=MAX_EVENT_ID))
 
 
-class ApprovalsQuerySchema(InputSchema):
+class ApprovalsQuerySchema(FormSchema):
     status = fields.String(load_default=None, validate=validate.OneOf(
         ["pending", "approved", "rejected", "expired"]))
     agent_id = _id(load_default=None)
     user_id = _id(load_default=None)
     run_id = _id(load_default=None)
     session_id = _id(load_default=None)
-    limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
+    limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))
     page = fields.Integer(load_default=1, validate=validate.Range(min=1, max=1_000_000))
 
 
-class ApprovalCountQuerySchema(InputSchema):
+class ApprovalCountQuerySchema(FormSchema):
     user_id = _id(load_default=None)
 
 

@@ -77,6 +77,7 @@ local pending = tonumber(redis.call('HGET', KEYS[1], 'pending_approvals') or '0'
 if pending < 0 then pending = 0 end
 redis.call('HSET', KEYS[1], 'version', tonumber(v) + 1, 'pending_approvals', pending,
   'updated_at', ARGV[4])
+if ARGV[5] and ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'doc', ARGV[5]) end
 return {tonumber(v) + 1}
 """
 

@@ -366,8 +366,10 @@ class RedisRunStore:
         pipe.execute()
 
     @_guarded
-    def resolve_approval(self, approval: Approval, expected_version: int, now: float):
-        """Compare-and-set pending -> approval.status and release the run's guard, atomically."""
+    def resolve_approval(self, approval: Approval, expected_version: int, now: float,
+                         run_doc: dict[str, Any] | None = None):
+        """Compare-and-set pending -> approval.status and release the run's guard, atomically;
+        `run_doc` (the run's document with the decision in it) is written in the same step."""
         resolution = {
             "resolution_data": approval.resolution_data,
             "resolved_by": approval.resolved_by,
@@ -376,7 +378,8 @@ class RedisRunStore:
         keys = [self.keys.run(approval.run_id), self.keys.approval(approval.run_id,
                                                                   approval.approval_id)]
         out = self._resolve(
-            keys=keys, args=[expected_version, approval.status, dumps(resolution), repr(now)]
+            keys=keys, args=[expected_version, approval.status, dumps(resolution), repr(now),
+                             "" if run_doc is None else dumps(run_doc)]
         )
         return resolve_outcome(out[0], approval, out[1] if len(out) > 1 else None)
 

@@ -377,8 +377,10 @@ class SqliteRunStore:
         return sum(1 for a in map(_approval_from_row, rows) if approval_matches(a, query))
 
     @_guarded
-    def resolve_approval(self, approval: Approval, expected_version: int, now: float):
-        """Compare-and-set pending -> approval.status and release the run's guard, atomically."""
+    def resolve_approval(self, approval: Approval, expected_version: int, now: float,
+                         run_doc: dict[str, Any] | None = None):
+        """Compare-and-set pending -> approval.status and release the run's guard, atomically;
+        `run_doc` (the run's document with the decision in it) is written in the same step."""
         resolution = dumps({
             "resolution_data": approval.resolution_data,
             "resolved_by": approval.resolved_by,
@@ -397,6 +399,9 @@ class SqliteRunStore:
                     "pending_approvals = MAX(pending_approvals - 1, 0) WHERE run_id = ?",
                     (now, approval.run_id),
                 )
+                if run_doc is not None:
+                    db.execute("UPDATE runs SET doc = ? WHERE run_id = ?",
+                               (dumps(run_doc), approval.run_id))
         return resolve_outcome(code, approval, status)
 
     @staticmethod

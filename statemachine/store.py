@@ -170,7 +170,8 @@ class RunStore(Protocol):
     def count_pending_approvals(self, user_id: str | None = None) -> int: ...
 
     def resolve_approval(
-        self, approval: Approval, expected_version: int, now: float
+        self, approval: Approval, expected_version: int, now: float,
+        run_doc: dict[str, Any] | None = None,
     ) -> CommitResult: ...
 
     def delete_approval(self, approval_id: str) -> None: ...
@@ -180,6 +181,16 @@ class RunStore(Protocol):
     def purge_finished(self, before: float) -> int: ...
 
     def close(self) -> None: ...
+
+
+def read_all_events(store: RunStore, run_id: str, page: int = 1000) -> list[StoredEvent]:
+    """Every stored event of a run, read page by page (a run object is never truncated)."""
+    events: list[StoredEvent] = []
+    while True:
+        batch = store.read_events(run_id, events[-1].seq if events else 0, page)
+        events.extend(batch)
+        if len(batch) < page:
+            return events
 
 
 def run_matches(run: StoredRun, query: RunQuery) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from app.runtime.tools import CONFIRMATION, EXTERNAL_EXECUTION, USER_INPUT, Tool
@@ -82,6 +83,29 @@ def waiting_kind(obj: dict[str, Any]) -> str | None:
 
 def waiting_calls(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [obj for obj in tools if waiting_kind(obj) is not None]
+
+
+def requirements(run_id: str, tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One RunRequirement (the reference's `to_dict()` shape) per call waiting now.
+
+    Derived from the stored calls, never stored itself, so it cannot disagree with `tools`;
+    its id is a name-based uuid of (run, call): the same requirement keeps the same id.
+    """
+    return [_requirement(run_id, obj) for obj in waiting_calls(tools)]
+
+
+def _requirement(run_id: str, obj: dict[str, Any]) -> dict[str, Any]:
+    created = datetime.fromtimestamp(int(obj.get("created_at") or 0), UTC).isoformat()
+    requirement: dict[str, Any] = {
+        "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"agentos:{run_id}:{obj['tool_call_id']}")),
+        "created_at": created,
+        "tool_execution": {k: v for k, v in obj.items() if not k.startswith("_")},
+    }
+    if obj.get("user_input_schema") is not None:
+        requirement["user_input_schema"] = obj["user_input_schema"]
+    # confirmation, confirmation_note and external_execution_result are null while a call
+    # waits; the reference's to_dict() drops null keys, and so does this.
+    return requirement
 
 
 def pause_content(tools: list[dict[str, Any]]) -> str:

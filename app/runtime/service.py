@@ -38,6 +38,7 @@ CAS_ATTEMPTS = 20
 LOST_WORKER = "The worker executing this run was lost before it finished (its lease expired)"
 PAUSE_EXPIRED = "pause expired"
 CANCELLED_BY_CLIENT = "cancelled by client"
+DECISIONS_KEY = "_decisions"  # approval id -> the admin's decision, inside the run's document
 
 
 class AgentNotFound(Exception):
@@ -204,13 +205,16 @@ class RunService:
         return run
 
     def _decided(self, run: StoredRun) -> dict[str, Approval]:
-        """Resolved approvals of the calls waiting now, by approval id."""
+        """The admins' decisions on the calls waiting now, by approval id, as the resolve
+        wrote them into the run (the approval record itself may have been deleted since)."""
+        decisions = run.doc.get(DECISIONS_KEY, {})
         decided = {}
         for obj in waiting_calls(run.doc["tools"]):
-            if obj.get("approval_id"):
-                approval = self.store.get_approval(obj["approval_id"])
-                if approval.status in ("approved", "rejected"):
-                    decided[approval.approval_id] = approval
+            found = decisions.get(obj.get("approval_id"))
+            if found is not None:
+                decided[obj["approval_id"]] = Approval(
+                    approval_id=obj["approval_id"], run_id=run.run_id, status=found["status"],
+                    doc={}, resolution_data=found.get("resolution_data"))
         return decided
 
     # -- cancel ---------------------------------------------------------------------------
@@ -312,32 +316,28 @@ class RunService:
             decide(run.state, Trigger.RESOLVE_APPROVAL)
             approval.status, approval.resolution_data = status, data
             approval.resolved_by, approval.resolved_at = resolved_by, epoch()
+            now = time.time()
             try:
-                self.store.resolve_approval(approval, run.version, time.time())
+                self.store.resolve_approval(approval, run.version, now,
+                                            run_doc=_with_decision(run.doc, approval, now))
             except StaleRun:
                 continue
             return self.store.get_approval(approval_id)
         raise StaleRun(approval_id)
 
     def delete_approval(self, approval_id: str) -> None:
-        """Delete a resolved approval, unless its paused run has yet to apply the decision."""
-        approval = self.store.get_approval(approval_id)
-        if approval.status != APPROVAL_PENDING and self._awaits_continue(approval):
-            raise ApprovalAwaitingContinue(approval_id)
+        """Delete a resolved approval: its decision lives on in the run (a pending one: 409)."""
         self.store.delete_approval(approval_id)
 
-    def _awaits_continue(self, approval: Approval) -> bool:
-        try:
-            run = self.store.get_run(approval.run_id)
-        except RunNotFound:
-            return False
-        return run.state is RunState.PAUSED and any(
-            obj.get("approval_id") == approval.approval_id
-            for obj in waiting_calls(run.doc["tools"]))
 
+def _with_decision(doc: dict[str, Any], approval: Approval, now: float) -> dict[str, Any]:
+    """The run's document with the admin's decision recorded, for the resolve's own write.
 
-class ApprovalAwaitingContinue(Exception):
-    """A resolved approval whose decision the paused run has not applied yet (HTTP 409)."""
+    A later continue applies the decision from here, so deleting the approval loses nothing.
+    """
+    decisions = {**doc.get(DECISIONS_KEY, {}), approval.approval_id: {
+        "status": approval.status, "resolution_data": approval.resolution_data}}
+    return {**doc, DECISIONS_KEY: decisions, "updated_at": int(now)}
 
 
 def _visible(run: StoredRun, access: RunAccess) -> bool:
