@@ -3,6 +3,8 @@
 COMMIT's KEYS: run hash, events stream, idempotency key, new approvals, approvals to expire,
 approvals to retain. ARGV 1-14 are scalars (see `RedisRunStore.commit`), then event JSONs, then
 new approval documents.
+CREATE's KEYS: run hash, events stream, idempotency key; ARGV: event count, the run's fields,
+the events, then the remembered outcome ('' for none) and its TTL.
 
 Return codes shared by the scripts: -1 run missing, -2 stale version, -3 approval missing,
 -4 approval not pending (its status follows), -5 run already exists.
@@ -62,6 +64,9 @@ for i = 1, n do
   out[#out + 1] = i
 end
 redis.call('HSET', KEYS[1], 'last_seq', n)
+if ARGV[3 + n] and ARGV[3 + n] ~= '' then
+  redis.call('SET', KEYS[3], ARGV[3 + n], 'EX', tonumber(ARGV[4 + n]))
+end
 return out
 """
 

@@ -32,6 +32,7 @@ from statemachine.store import (
     ApprovalQuery,
     Commit,
     CommitResult,
+    Remember,
     RunQuery,
     StoredEvent,
     StoredRun,
@@ -145,8 +146,11 @@ class RedisRunStore:
         self.redis.ping()
 
     @_guarded
-    def create_run(self, run: StoredRun, events: list[dict[str, Any]]) -> CommitResult:
-        """Store a new run at version 1 with its first events; the id must be new."""
+    def create_run(self, run: StoredRun, events: list[dict[str, Any]],
+                   remember: Remember | None = None) -> CommitResult:
+        """Store a new run at version 1 with its first events; the id must be new.
+
+        `remember` (an Idempotency-Key's outcome) is written by the same script."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.zadd(self.keys.agent_runs(run.agent_id), {run.run_id: run.created_at}, nx=True)
         self._hint_lifecycle(pipe, run.run_id, run.lease_until, run.paused_at)
@@ -166,8 +170,11 @@ class RedisRunStore:
             "lease_until": _num(run.lease_until),
             "paused_at": _num(run.paused_at),
         }
-        keys = [self.keys.run(run.run_id), self.keys.events(run.run_id)]
-        out = self._create(keys=keys, args=[len(events), dumps(fields), *map(dumps, events)])
+        keys = [self.keys.run(run.run_id), self.keys.events(run.run_id),
+                self.keys.idempotency(run.run_id, remember.key if remember else "-")]
+        out = self._create(keys=keys, args=[
+            len(events), dumps(fields), *map(dumps, events),
+            dumps(remember.value) if remember else "", remember.ttl if remember else 0])
         if out[0] == -5:
             raise StaleRun(f"run {run.run_id} already exists")
         return CommitResult(version=1, seqs=[int(s) for s in out[1:]])

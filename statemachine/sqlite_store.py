@@ -31,6 +31,7 @@ from statemachine.store import (
     ApprovalQuery,
     Commit,
     CommitResult,
+    Remember,
     RunQuery,
     StoredEvent,
     StoredRun,
@@ -195,7 +196,9 @@ class SqliteRunStore:
         self._read().execute("SELECT 1").fetchone()
 
     @_guarded
-    def create_run(self, run: StoredRun, events: list[dict[str, Any]]) -> CommitResult:
+    def create_run(self, run: StoredRun, events: list[dict[str, Any]],
+                   remember: Remember | None = None) -> CommitResult:
+        """Insert a new run with its first events (and an Idempotency-Key's outcome) at once."""
         with self._write() as db:
             try:
                 db.execute(
@@ -208,6 +211,8 @@ class SqliteRunStore:
             except sqlite3.IntegrityError:
                 raise StaleRun(f"run {run.run_id} already exists") from None
             seqs = self._append_events(db, run.run_id, 0, events)
+            if remember is not None:
+                self._store_remembered(db, run.run_id, remember, run.created_at)
         return CommitResult(version=1, seqs=seqs)
 
     @staticmethod
@@ -255,15 +260,17 @@ class SqliteRunStore:
             )
         return CommitResult(version=commit.expected_version + 1, seqs=seqs)
 
+    def _remember(self, db: sqlite3.Connection, commit: Commit) -> None:
+        if commit.remember is not None:
+            self._store_remembered(db, commit.run_id, commit.remember, commit.now)
+
     @staticmethod
-    def _remember(db: sqlite3.Connection, commit: Commit) -> None:
-        if commit.remember is None:
-            return
+    def _store_remembered(db: sqlite3.Connection, run_id: str, remember: Remember,
+                          now: float) -> None:
         db.execute(
             "INSERT OR REPLACE INTO idempotency (scope, key, value, expires_at) "
             "VALUES (?, ?, ?, ?)",
-            (commit.run_id, commit.remember.key, dumps(commit.remember.value),
-             commit.now + commit.remember.ttl),
+            (run_id, remember.key, dumps(remember.value), now + remember.ttl),
         )
 
     @staticmethod

@@ -158,8 +158,16 @@ def is_tool_object(value: Any) -> bool:
     return isinstance(value, dict) and "tool_call_id" in value and "tool_args" in value
 
 
+def is_user_input_field(value: Any) -> bool:
+    return isinstance(value, dict) and "name" in value and "field_type" in value
+
+
 def compact(value: Any) -> Any:
-    """Drop null-valued keys, except inside tool objects, where every key is always present."""
+    """Drop null-valued keys, except inside tool objects, where every key is always present,
+    and in user-input fields (a requirement's `user_input_schema`), which the reference's
+    client reads key by key."""
+    if is_user_input_field(value):
+        return dict(value)
     if is_tool_object(value):
         return {k: v for k, v in value.items() if not k.startswith("_")}
     if isinstance(value, dict):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,24 +109,48 @@ class RunService:
     # -- create ---------------------------------------------------------------------------
 
     def create_run(self, agent_id: str, text: str, session_id: str | None,
-                   user_id: str | None) -> Started:
-        """Store a new RUNNING run with `RunStarted`, then execute it in the background."""
+                   user_id: str | None, idempotency: Idempotency | None = None,
+                   caller: str = "") -> Started:
+        """Store a new RUNNING run with `RunStarted`, then execute it in the background.
+
+        With an Idempotency-Key the run's id is named by (agent, caller, key), and the key's
+        outcome is remembered in the create's own write: a retry, even one racing the first
+        attempt, finds that run and replays its stream instead of making a second one.
+        """
         agent = self.agent(agent_id)
-        run = self._new_run(agent, text, session_id or new_id(), user_id)
+        run_id = new_id() if idempotency is None else idempotent_run_id(
+            agent_id, caller, idempotency.key)
+        for _ in range(2):
+            replay = self._replay(run_id, idempotency)
+            if replay is not None:
+                return replay
+            try:
+                return self._create(agent, run_id, text, session_id, user_id, idempotency)
+            except StaleRun:
+                if idempotency is None:
+                    raise
+        raise IdempotencyMismatch(idempotency.key if idempotency else "")
+
+    def _create(self, agent: Agent, run_id: str, text: str, session_id: str | None,
+                user_id: str | None, idempotency: Idempotency | None) -> Started:
+        run = self._new_run(agent, run_id, text, session_id or new_id(), user_id)
         started = event(run.doc, "RunStarted", model=agent.model.id,
                         model_provider=agent.model.provider)
+        remember = None if idempotency is None else Remember(
+            idempotency.key, {"fingerprint": idempotency.fingerprint, "after": 0},
+            idempotency.ttl)
         self.executor.reserve()
         try:
-            run.version = self.store.create_run(run, [started]).version
+            run.version = self.store.create_run(run, [started], remember=remember).version
         except BaseException:
             self.executor.release()
             raise
         self._execute(agent, run)
         return Started(run.run_id, after=0)
 
-    def _new_run(self, agent: Agent, text: str, session_id: str, user_id: str | None):
+    def _new_run(self, agent: Agent, run_id: str, text: str, session_id: str,
+                 user_id: str | None):
         now = time.time()
-        run_id = new_id()
         doc = {
             "run_id": run_id, "agent_id": agent.id, "agent_name": agent.display_name,
             "session_id": session_id, "user_id": user_id, "content": None,
@@ -338,6 +363,13 @@ def _with_decision(doc: dict[str, Any], approval: Approval, now: float) -> dict[
     decisions = {**doc.get(DECISIONS_KEY, {}), approval.approval_id: {
         "status": approval.status, "resolution_data": approval.resolution_data}}
     return {**doc, DECISIONS_KEY: decisions, "updated_at": int(now)}
+
+
+def idempotent_run_id(agent_id: str, caller: str, key: str) -> str:
+    """The id a create with this Idempotency-Key gets: the same for every retry of it, and
+    never the same for two callers (a JWT user's `sub` is part of the name)."""
+    name = "\x00".join(("agentos-create", agent_id, caller, key))
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, name))
 
 
 def _visible(run: StoredRun, access: RunAccess) -> bool:

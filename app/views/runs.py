@@ -45,9 +45,10 @@ TOOL_LIST_LIMIT = 256
 @requires("agents:run")
 def create_run(agent_id: str) -> Response:
     form = CREATE_FORM.load(request.form)
-    user_id = identity().user_id or form["user_id"]
+    caller = identity()
+    user_id = caller.user_id or form["user_id"]
     started = agentos().service.create_run(agent_id, form["message"], form["session_id"],
-                                           user_id)
+                                           user_id, idempotency(form), caller.subject)
     return run_answer(agent_id, started, form["stream"])
 
 
