@@ -99,6 +99,7 @@ class Gunicorn:
     env: dict[str, str]
     workers: int = 2
     threads: int = 8
+    app_spec: str = "wsgi:app"
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
     log_path: str = field(default_factory=lambda: tempfile.mktemp(prefix="gunicorn-",
@@ -114,7 +115,7 @@ class Gunicorn:
                "WEB_CONCURRENCY": str(self.workers), "GUNICORN_THREADS": str(self.threads)}
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", self.app_spec],
             cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
