@@ -276,6 +276,18 @@ class MessageSchema(Schema):
     created_at = fields.Integer()
 
 
+class RequirementSchema(Schema):
+    """The reference's RunRequirement.to_dict(): one per call a paused run waits on."""
+
+    id = fields.String()
+    created_at = fields.String(metadata={"description": "ISO 8601"})
+    tool_execution = fields.Nested(ToolExecutionSchema)
+    user_input_schema = fields.List(fields.Nested(UserInputFieldOutSchema))
+    confirmation = fields.Boolean()
+    confirmation_note = fields.String()
+    external_execution_result = fields.String()
+
+
 class RunSchema(Schema):
     run_id = fields.String()
     agent_id = fields.String()
@@ -295,6 +307,8 @@ class RunSchema(Schema):
     events = fields.List(fields.Dict())
     metrics = fields.Dict()
     session_state = fields.Dict()
+    requirements = fields.List(fields.Nested(RequirementSchema), metadata={
+        "description": "Only while PAUSED: one per call waiting now"})
 
 
 class ApprovalSchema(Schema):
@@ -350,11 +364,57 @@ class AgentToolSchema(Schema):
     requires_approval = fields.Boolean()
 
 
+class AgentModelSchema(Schema):
+    name = fields.String()
+    model = fields.String()
+    provider = fields.String()
+
+
+class AgentToolsSchema(Schema):
+    tools = fields.List(fields.Nested(AgentToolSchema))
+
+
 class AgentSchema(Schema):
+    """The reference's AgentResponse (the fields this server fills in)."""
+
+    id = fields.String()
+    name = fields.String()
+    db_id = fields.String()
+    description = fields.String(allow_none=True)
+    model = fields.Nested(AgentModelSchema)
+    tools = fields.Nested(AgentToolsSchema, metadata={
+        "description": "The tools, nested under `tools` as the reference nests them"})
+
+
+class AgentSummarySchema(Schema):
     id = fields.String()
     name = fields.String()
     description = fields.String(allow_none=True)
-    tools = fields.List(fields.Nested(AgentToolSchema))
+    db_id = fields.String()
+
+
+class DatabaseConfigSchema(Schema):
+    db_id = fields.String()
+    domain_config = fields.Dict()
+    tables = fields.List(fields.String())
+
+
+class SessionConfigSchema(Schema):
+    dbs = fields.List(fields.Nested(DatabaseConfigSchema))
+
+
+class ConfigSchema(Schema):
+    """The reference's ConfigResponse: one database, which also holds the sessions."""
+
+    os_id = fields.String()
+    name = fields.String()
+    os_database = fields.String()
+    databases = fields.List(fields.String())
+    session = fields.Nested(SessionConfigSchema)
+    agents = fields.List(fields.Nested(AgentSummarySchema))
+    teams = fields.List(fields.Dict(), metadata={"description": "Always empty"})
+    workflows = fields.List(fields.Dict(), metadata={"description": "Always empty"})
+    interfaces = fields.List(fields.Dict(), metadata={"description": "Always empty"})
 
 
 class HealthSchema(Schema):
