@@ -29,7 +29,7 @@ def run_object(run: StoredRun, events: list[StoredEvent]) -> dict[str, Any]:
 
 def agent_object(agent: Agent, db_id: str) -> dict[str, Any]:
     """The reference's AgentResponse: its tools nested under `tools`, as Agno's client reads."""
-    return {
+    return compact({
         "id": agent.id,
         "name": agent.display_name,
         "db_id": db_id,
@@ -37,13 +37,13 @@ def agent_object(agent: Agent, db_id: str) -> dict[str, Any]:
         "model": {"name": type(agent.model).__name__, "model": agent.model.id,
                   "provider": agent.model.provider},
         "tools": {"tools": [tool.describe() for tool in agent.tools]},
-    }
+    })
 
 
 def agent_summary(agent: Agent, db_id: str) -> dict[str, Any]:
     """The reference's AgentSummaryResponse, as `/config` lists the agents."""
-    return {"id": agent.id, "name": agent.display_name, "description": agent.description,
-            "db_id": db_id}
+    return compact({"id": agent.id, "name": agent.display_name,
+                    "description": agent.description, "db_id": db_id})
 
 
 def config_object(os_id: str, agents: list[Agent], db_id: str) -> dict[str, Any]:
