@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -16,11 +17,14 @@ import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from statemachine import lua
+from statemachine import deadline, lua
 from statemachine.errors import (
     ApprovalNotFound,
     ApprovalStillPending,
     RunNotFound,
+    SessionExists,
+    SessionNotFound,
+    SessionOwnedElsewhere,
     StaleRun,
     StoreUnavailable,
 )
@@ -28,25 +32,36 @@ from statemachine.keys import Keys
 from statemachine.states import RunState
 from statemachine.store import (
     APPROVAL_PENDING,
+    SESSION_SORTS,
     Approval,
     ApprovalQuery,
     Commit,
     CommitResult,
     Remember,
     RunQuery,
+    RunRemoval,
+    SessionLink,
+    SessionQuery,
     StoredEvent,
     StoredRun,
+    StoredSession,
     approval_matches,
     dumps,
     lease_lapsed,
     paused_before,
     resolve_outcome,
     run_matches,
+    session_matches,
 )
 
 T = TypeVar("T")
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, redis.exceptions.BusyLoadingError)
 _SCAN_BATCH = 200
+# A session's run hint whose run does not exist yet may belong to a create in flight; it is
+# dropped only once it is older than this (a create takes milliseconds, or fails at once).
+RUN_HINT_GRACE_SECONDS = 300.0
+# A name filter cannot use an index: it reads at most this many index entries per listing.
+NAME_SCAN_LIMIT = 10_000
 
 
 def _guarded(method: Callable[..., T]) -> Callable[..., T]:
@@ -54,6 +69,7 @@ def _guarded(method: Callable[..., T]) -> Callable[..., T]:
 
     @functools.wraps(method)
     def wrapper(*args: Any, **kwargs: Any) -> T:
+        deadline.check("redis")
         try:
             return method(*args, **kwargs)
         except _UNAVAILABLE as exc:
@@ -64,6 +80,27 @@ def _guarded(method: Callable[..., T]) -> Callable[..., T]:
             raise
 
     return wrapper
+
+
+class _DeadlineBound:
+    """Connection mixin: no command starts once the request's store budget is spent, and no
+    reply is awaited longer than what is left of it (a frozen server costs one budget per
+    request, not one socket timeout per call)."""
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        deadline.check("redis")
+        super().send_packed_command(command, check_health)  # type: ignore[misc]
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        if deadline.remaining() is not None and "timeout" not in kwargs:
+            kwargs["timeout"] = deadline.cap(self.socket_timeout)  # type: ignore[attr-defined]
+        return super().read_response(*args, **kwargs)  # type: ignore[misc]
+
+
+def _bind_to_deadline(pool: redis.ConnectionPool) -> None:
+    """Give the pool's connection class (TCP, TLS or unix, as the URL chose) the mixin."""
+    base = pool.connection_class
+    pool.connection_class = type(f"Deadline{base.__name__}", (_DeadlineBound, base), {})
 
 
 def _opt_float(value: str | None) -> float | None:
@@ -131,6 +168,7 @@ class RedisRunStore:
             max_connections=max_connections,
             timeout=socket_timeout,
         )
+        _bind_to_deadline(pool)
         self.redis = redis.Redis(connection_pool=pool)
         self._block_cap = max(0.1, socket_timeout - 1.0)
         self._commit = self.redis.register_script(lua.COMMIT)
@@ -138,6 +176,11 @@ class RedisRunStore:
         self._resolve = self.redis.register_script(lua.RESOLVE)
         self._delete_approval = self.redis.register_script(lua.DELETE_APPROVAL)
         self._renew = self.redis.register_script(lua.RENEW_LEASE)
+        self._link_session = self.redis.register_script(lua.LINK_SESSION)
+        self._create_session = self.redis.register_script(lua.CREATE_SESSION)
+        self._update_session = self.redis.register_script(lua.UPDATE_SESSION)
+        self._delete_run = self.redis.register_script(lua.DELETE_RUN)
+        self._delete_session = self.redis.register_script(lua.DELETE_SESSION)
 
     # -- runs ---------------------------------------------------------------------------
 
@@ -147,10 +190,18 @@ class RedisRunStore:
 
     @_guarded
     def create_run(self, run: StoredRun, events: list[dict[str, Any]],
+                   session: SessionLink | None = None,
                    remember: Remember | None = None) -> CommitResult:
         """Store a new run at version 1 with its first events; the id must be new.
 
-        `remember` (an Idempotency-Key's outcome) is written by the same script."""
+        The session is linked first, as a hint: its keys live in another Cluster slot than
+        the run's, so one script cannot write both. A session whose run then failed to be
+        stored keeps a run hint that reads drop (after RUN_HINT_GRACE_SECONDS) and may keep
+        that run's message as its name; a run is never stored without its session.
+        `remember` (an Idempotency-Key's outcome) is written by the run's own script.
+        """
+        if session is not None:
+            self._link(session, run.run_id)
         pipe = self.redis.pipeline(transaction=False)
         pipe.zadd(self.keys.agent_runs(run.agent_id), {run.run_id: run.created_at}, nx=True)
         self._hint_lifecycle(pipe, run.run_id, run.lease_until, run.paused_at)
@@ -430,8 +481,218 @@ class RedisRunStore:
         pipe.execute()
         return purged
 
+    # -- sessions -------------------------------------------------------------------------
+
+    def _link(self, link: SessionLink, run_id: str) -> None:
+        """Index hints first, then the session itself (made, or joined by the run)."""
+        self._hint_session(link.session_id, link.agent_id, link.user_id, link.now, link.now)
+        keys = [self.keys.session(link.session_id), self.keys.session_runs(link.session_id)]
+        out = self._link_session(keys=keys, args=[
+            link.session_id, link.agent_id, link.user_id or "", link.message,
+            repr(link.now), run_id, "1" if link.exclusive else ""])
+        if out[0] == -6:
+            raise SessionOwnedElsewhere(link.session_id)
+        agent_id, user_id = out[1] or None, out[2] or None
+        if (agent_id, user_id) != (link.agent_id, link.user_id):
+            self._hint_session(link.session_id, agent_id, user_id, None, link.now)
+
+    def _index_keys(self, sort_by: str, agent_id: str | None,
+                    user_id: str | None) -> list[str]:
+        """Every listing index a session with this agent and user belongs to."""
+        scopes = [(None, None), (agent_id, None)] if agent_id else [(None, None)]
+        if user_id is not None:
+            scopes += [(a, user_id) for a, _ in scopes]
+        return [self.keys.sessions(sort_by, a, u) for a, u in scopes]
+
+    def _hint_session(self, session_id: str, agent_id: str | None, user_id: str | None,
+                      created_at: float | None, updated_at: float) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        if created_at is not None:
+            for key in self._index_keys("created_at", agent_id, user_id):
+                pipe.zadd(key, {session_id: created_at}, nx=True)
+        for key in self._index_keys("updated_at", agent_id, user_id):
+            pipe.zadd(key, {session_id: updated_at}, gt=True)
+        pipe.execute()
+
+    @_guarded
+    def create_session(self, session: StoredSession) -> None:
+        self._hint_session(session.session_id, session.agent_id, session.user_id,
+                           session.created_at, session.updated_at)
+        fields = {
+            "session_id": session.session_id, "agent_id": session.agent_id or "",
+            "user_id": session.user_id or "", "session_state": dumps(session.session_state),
+            "created_at": repr(session.created_at), "updated_at": repr(session.updated_at),
+        }
+        if session.name is not None:
+            fields["name"] = session.name
+        if session.metadata is not None:
+            fields["metadata"] = dumps(session.metadata)
+        if self._create_session(keys=[self.keys.session(session.session_id)],
+                                args=[dumps(fields)]) == -5:
+            raise SessionExists(session.session_id)
+
+    @_guarded
+    def get_session(self, session_id: str) -> StoredSession:
+        fields = self.redis.hgetall(self.keys.session(session_id))
+        if not fields:
+            raise SessionNotFound(session_id)
+        return _session_from_hash(fields)
+
+    @_guarded
+    def update_session(self, session_id: str, changes: dict[str, Any],
+                       now: float) -> StoredSession:
+        """Set the given fields (`name`, `session_state`, `metadata`) and `updated_at`."""
+        current = self.get_session(session_id)
+        self._hint_session(session_id, current.agent_id, current.user_id, None, now)
+        pairs: list[Any] = []
+        for name, value in changes.items():
+            pairs += [name, value if name == "name" else dumps(value)]
+        if self._update_session(keys=[self.keys.session(session_id)],
+                                args=[repr(now), *pairs]) == -1:
+            raise SessionNotFound(session_id)
+        return self.get_session(session_id)
+
+    @_guarded
+    def list_sessions(self, query: SessionQuery) -> tuple[list[StoredSession], int]:
+        """A page read from the one index that holds exactly the filtered sessions.
+
+        Without a name filter the page costs the page (plus any stale hints met on the
+        way, which are dropped) and the total is the index's size; a name filter reads the
+        index in order, at most NAME_SCAN_LIMIT entries, and counts the matches it saw.
+        """
+        if query.sort_by not in SESSION_SORTS:
+            raise ValueError(f"cannot sort sessions by {query.sort_by!r}")
+        index = self.keys.sessions(query.sort_by, query.agent_id, query.user_id)
+        if query.name_contains is None:
+            page = self._scan_sessions(index, query, query.offset, query.limit,
+                                       query.limit + _SCAN_BATCH)
+            return page, self.redis.zcard(index)
+        matches = self._scan_sessions(index, query, 0, NAME_SCAN_LIMIT, NAME_SCAN_LIMIT)
+        return matches[query.offset:query.offset + query.limit], len(matches)
+
+    def _scan_sessions(self, index: str, query: SessionQuery, start: int, wanted: int,
+                       budget: int) -> list[StoredSession]:
+        """Up to `wanted` sessions that still match, read from `start` in index order,
+        reading at most `budget` index entries."""
+        found: list[StoredSession] = []
+        read = 0
+        while len(found) < wanted and read < budget:
+            count = min(_SCAN_BATCH, budget - read, max(wanted - len(found), 1))
+            ids = self._index_range(index, start + read, count, query.descending)
+            if not ids:
+                break
+            read += len(ids)
+            found += [s for s in self._sessions_by_id(index, ids, query)
+                      if session_matches(s, query)]
+        return found[:wanted]
+
+    def _index_range(self, index: str, start: int, count: int, descending: bool) -> list[str]:
+        end = start + count - 1
+        if descending:
+            return self.redis.zrevrange(index, start, end)
+        return self.redis.zrange(index, start, end)
+
+    def _sessions_by_id(self, index: str, ids: list[str],
+                        query: SessionQuery) -> list[StoredSession]:
+        """The sessions behind index entries; entries of gone sessions, or of sessions of
+        another agent or user than the index's, are dropped from it."""
+        pipe = self.redis.pipeline(transaction=False)
+        for session_id in ids:
+            pipe.hgetall(self.keys.session(session_id))
+        found, stale = [], []
+        owner = SessionQuery(agent_id=query.agent_id, user_id=query.user_id)
+        for session_id, fields in zip(ids, pipe.execute(), strict=True):
+            session = _session_from_hash(fields) if fields else None
+            if session is not None and session_matches(session, owner):
+                found.append(session)
+            else:
+                stale.append(session_id)
+        if stale:
+            self.redis.zrem(index, *stale)
+        return found
+
+    @_guarded
+    def session_runs(self, session_id: str, limit: int = 1000) -> list[StoredRun]:
+        """The newest `limit` runs of the session, oldest first; old dead hints are dropped."""
+        index = self.keys.session_runs(session_id)
+        entries = self.redis.zrevrange(index, 0, limit - 1, withscores=True)
+        pipe = self.redis.pipeline(transaction=False)
+        for run_id, _ in entries:
+            pipe.hgetall(self.keys.run(run_id))
+        runs, dead = [], []
+        horizon = time.time() - RUN_HINT_GRACE_SECONDS
+        for (run_id, score), fields in zip(entries, pipe.execute(), strict=True):
+            if fields and fields.get("session_id") == session_id:
+                runs.append(_run_from_hash(fields))
+            elif score < horizon or fields:
+                dead.append(run_id)
+        if dead:
+            self.redis.zrem(index, *dead)
+        return runs[::-1]
+
+    @_guarded
+    def delete_session(self, session_id: str, runs: list[RunRemoval], now: float,
+                       retain_seconds: int) -> None:
+        """Delete each planned run at its planned version, then the session once it is empty.
+
+        Each run's deletion is one script (its keys share one slot); the session's runs live
+        in other slots, so a run that moved since the plan stops the deletion (StaleRun)
+        with the runs before it already gone, and a run that joined since keeps the session.
+        """
+        session = self.get_session(session_id)
+        for removal in runs:
+            self._remove_run(session_id, removal, now, retain_seconds)
+        out = self._delete_session(keys=[self.keys.session(session_id),
+                                         self.keys.session_runs(session_id)])
+        if out == -2:
+            raise StaleRun(session_id)
+        if out == -1:
+            raise SessionNotFound(session_id)
+        self._forget_session(session)
+
+    def _remove_run(self, session_id: str, removal: RunRemoval, now: float,
+                    retain_seconds: int) -> None:
+        rid = removal.run_id
+        keys = [self.keys.run(rid), self.keys.events(rid)]
+        keys += [self.keys.approval(rid, a) for a in removal.expire_approvals]
+        keys += [self.keys.approval(rid, a) for a in removal.approval_ids]
+        out = self._delete_run(keys=keys, args=[
+            removal.expected_version, repr(now), len(removal.expire_approvals),
+            max(1, int(retain_seconds))])
+        if out == -2:
+            raise StaleRun(rid)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrem(self.keys.session_runs(session_id), rid)
+        pipe.zrem(self.keys.agent_runs(removal.agent_id), rid)
+        for index in (self.keys.executing(), self.keys.paused(), self.keys.finished()):
+            pipe.zrem(index, rid)
+        pipe.execute()
+
+    def _forget_session(self, session: StoredSession) -> None:
+        """Drop the deleted session's listing hints (reads would drop them anyway)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for sort_by in SESSION_SORTS:
+            for index in self._index_keys(sort_by, session.agent_id, session.user_id):
+                pipe.zrem(index, session.session_id)
+        pipe.execute()
+
     def close(self) -> None:
         self.redis.connection_pool.disconnect()
+
+
+def _session_from_hash(fields: dict[str, str]) -> StoredSession:
+    metadata = fields.get("metadata")
+    return StoredSession(
+        session_id=fields["session_id"],
+        agent_id=fields.get("agent_id") or None,
+        user_id=fields.get("user_id") or None,
+        name=fields.get("name"),
+        first_message=fields.get("first_message"),
+        session_state=json.loads(fields.get("session_state") or "{}"),
+        metadata=json.loads(metadata) if metadata else None,
+        created_at=float(fields["created_at"]),
+        updated_at=float(fields["updated_at"]),
+    )
 
 
 def _event(entry_id: str, fields: dict[str, str]) -> StoredEvent:

@@ -11,6 +11,7 @@ import asyncio
 import uuid
 from collections.abc import Iterator
 
+import httpx
 import pytest
 import requests
 
@@ -18,8 +19,14 @@ pytest.importorskip("agno.client", reason="agno==2.5.6 is in the dev extra")
 
 from agno.agent import RemoteAgent  # noqa: E402
 from agno.client import AgentOSClient  # noqa: E402
+from agno.db.base import SessionType  # noqa: E402
 from agno.os.routers.agents.schema import AgentResponse  # noqa: E402
-from agno.os.schema import ConfigResponse  # noqa: E402
+from agno.os.schema import (  # noqa: E402
+    AgentSessionDetailSchema,
+    ConfigResponse,
+    RunSchema,
+    SessionSchema,
+)
 from agno.run.agent import RunOutput, RunPausedEvent  # noqa: E402
 from agno.run.base import RunStatus  # noqa: E402
 from agno.utils.http import aclose_default_clients, close_sync_client  # noqa: E402
@@ -183,6 +190,54 @@ def test_cancel_a_paused_run(client, server):
     run(client.cancel_agent_run("external-agent", paused.run_id))
     state = requests.get(f"{server.url}/agents/external-agent/runs/{paused.run_id}", timeout=10)
     assert RunOutput.from_dict(state.json()).status == RunStatus.cancelled
+
+
+# -- sessions ---------------------------------------------------------------------------------
+
+
+def test_sessions_through_the_client(client):
+    db_id = client.get_config().databases[0]
+
+    async def scenario():
+        first = await client.run_agent("chat-agent", "first message")
+        session_id = first.session_id
+        second = await client.run_agent("chat-agent", "second", session_id=session_id)
+        page = await client.get_sessions(session_type=SessionType.AGENT,
+                                         component_id="chat-agent", db_id=db_id, limit=100)
+        assert all(isinstance(item, SessionSchema) for item in page.data)
+        mine = next(item for item in page.data if item.session_id == session_id)
+        assert mine.session_name == "first message"
+        detail = await client.get_session(session_id, db_id=db_id)
+        assert isinstance(detail, AgentSessionDetailSchema)
+        assert (detail.session_id, detail.agent_id) == (session_id, "chat-agent")
+        runs = await client.get_session_runs(session_id, db_id=db_id)
+        assert all(isinstance(r, RunSchema) for r in runs)
+        assert [r.run_id for r in runs] == [first.run_id, second.run_id]
+        one = await client.get_session_run(session_id, second.run_id, db_id=db_id)
+        assert (one.run_id, one.content, one.status) == (second.run_id, "Echo: second",
+                                                          "COMPLETED")
+        renamed = await client.rename_session(session_id, "renamed", db_id=db_id)
+        assert renamed.session_name == "renamed"
+        await client.delete_session(session_id, db_id=db_id)
+        page = await client.get_sessions(session_type=SessionType.AGENT,
+                                         component_id="chat-agent", limit=100)
+        assert session_id not in [item.session_id for item in page.data]
+
+    run(scenario())
+
+
+def test_sessions_create_and_delete_many_through_the_client(client):
+    async def scenario():
+        made = await client.create_session(session_id=f"s-{uuid.uuid4().hex}",
+                                           session_name="made", agent_id="chat-agent")
+        assert isinstance(made, AgentSessionDetailSchema) and made.session_name == "made"
+        paused = await client.run_agent("confirm-agent", "hold", session_id=made.session_id)
+        assert paused.is_paused
+        await client.delete_sessions([made.session_id], [SessionType.AGENT])
+        with pytest.raises(httpx.HTTPStatusError):
+            await client.get_session(made.session_id)
+
+    run(scenario())
 
 
 # -- RemoteAgent -------------------------------------------------------------------------------
