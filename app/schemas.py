@@ -442,14 +442,8 @@ def _path_id(**kwargs: Any) -> fields.String:
         PATH_ID, error="Only letters, digits, '-', '_', '.' and ':' are allowed.")], **kwargs)
 
 
-class SessionInputSchema(InputSchema):
+class SessionInputSchema(FormSchema):
     """An empty query value means the same as an absent one, as in the reference."""
-
-    @pre_load
-    def _drop_empty(self, data: Any, **kwargs: Any) -> Any:
-        if hasattr(data, "items"):
-            return {k: v for k, v in data.items() if v != ""}
-        return data
 
 
 class SessionQuerySchema(SessionInputSchema):
