@@ -79,3 +79,21 @@ class Keys:
     def idempotency(self, run_id: str, key: str) -> str:
         """String: the JSON outcome remembered for one Idempotency-Key of the run."""
         return f"{self.prefix}:run:{{{run_id}}}:idem:{key}"
+
+    # -- webhook outbox (issue 15) ------------------------------------------------------
+
+    def outbox(self, run_id: str) -> str:
+        """Hash: the run's undelivered notifications, fields `p:<id>` payload, `n:<id>` next
+        attempt (epoch seconds), `t:<id>` attempts, `c:<id>` creation time. In the run's slot,
+        so the commit script writes it atomically with the fact it announces."""
+        return f"{self.prefix}:run:{{{run_id}}}:outbox"
+
+    def outbox_failed(self, run_id: str) -> str:
+        """Hash: entry id -> JSON {payload, attempts, error} of notifications given up on."""
+        return f"{self.prefix}:run:{{{run_id}}}:outbox-failed"
+
+    def outbox_shard(self, shard: int) -> str:
+        """Sorted set: run_id scored by when its outbox should next be looked at (a hint,
+        written before the commit; verified by the claim). Tagged `{outbox:N}`: one slot per
+        shard in a Redis Cluster."""
+        return f"{self.prefix}:{{outbox:{shard}}}"
