@@ -219,8 +219,10 @@ def test_the_document_and_the_docs_need_no_credentials(client):
     assert client.get("/agents").status_code == 401
 
 
-# Routes that are not API operations: the document itself, its docs page and their assets.
-UNDOCUMENTED = {"/openapi.json", "/docs", "/docs/assets/{name}", "/static/{filename}"}
+# Routes that are not API operations: the document itself, its docs page and their assets,
+# the operator page (HTML) and Prometheus' scrape (its text format).
+UNDOCUMENTED = {"/openapi.json", "/docs", "/docs/assets/{name}", "/static/{filename}",
+                "/console", "/metrics"}
 
 
 def test_every_served_route_is_described(app, document):
