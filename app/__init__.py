@@ -13,6 +13,7 @@ from werkzeug.exceptions import NotFound
 
 from app.config import load_settings
 from app.context import AgentOS
+from app.cors import enable_cors
 from app.decoding import StrictRequest, check_query
 from app.errors import register_error_handlers
 from app.intake import BodyIntake
@@ -132,6 +133,7 @@ def _register(app: Flask) -> None:
         app.register_blueprint(blueprint)
     register_error_handlers(app)
     install(app)
+    enable_cors(app, app.config["AGENTOS"]["CORS_ORIGINS"])
 
     @app.before_request
     def _strict_query() -> None:

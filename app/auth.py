@@ -19,7 +19,9 @@ from app.errors import ApiError
 
 MISSING_HEADER = "Authorization header required"
 INVALID_TOKEN = "Invalid authentication token"
-ADMIN_SCOPES = frozenset({"admin", "agent_os:admin"})
+ADMIN_SCOPE = "admin"
+# The reference's own name for the admin scope: a token minted for an Agno deployment works.
+ADMIN_SCOPES = frozenset({ADMIN_SCOPE, "agent_os:admin"})
 OWN_APPROVAL = "An approval cannot be resolved by the owner of its run"
 
 
@@ -34,7 +36,8 @@ class Identity:
 
     @property
     def is_admin(self) -> bool:
-        return self.kind == "admin-key" or (self.kind == "jwt" and bool(ADMIN_SCOPES & self.scopes))
+        return self.kind == "admin-key" or (self.kind == "jwt" and
+                                            not ADMIN_SCOPES.isdisjoint(self.scopes))
 
     @property
     def owner(self) -> str | None:

@@ -48,14 +48,17 @@ def follow(
     ping_seconds: float,
     max_seconds: float,
     outage_seconds: float = 0.0,
+    history_until: int = 0,
 ) -> Iterator[StoredEvent | None]:
     """Stored events after `after`, then live ones, until a terminal event (None = idle ping).
 
-    Ends early when the run is not executing and nothing is left to read (a paused or
-    finished run followed from its end), or when `max_seconds` have passed. A store outage
-    is waited out (pings keep the client) for up to `outage_seconds`: the executing worker
-    retries its writes as long, so a stream whose store comes back still ends with the run's
-    terminal event.
+    Events up to `history_until` (the run's last event when a resume was asked for) are
+    history: a terminal event among them does not end the stream, so a replay spans every
+    pause and continue. Ends early when the run is not executing and nothing is left to read
+    (a paused or finished run followed from its end), or when `max_seconds` have passed. A
+    store outage is waited out (pings keep the client) for up to `outage_seconds`: the
+    executing worker retries its writes as long, so a stream whose store comes back still
+    ends with the run's terminal event.
     """
     deadline = time.monotonic() + max_seconds
     quiet_since = time.monotonic()
@@ -76,7 +79,7 @@ def follow(
         for event in events:
             yield event
             after = event.seq
-            if event.name in TERMINAL_EVENTS:
+            if event.name in TERMINAL_EVENTS and event.seq > history_until:
                 return
         if events:
             quiet_since = time.monotonic()

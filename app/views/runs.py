@@ -30,7 +30,7 @@ from app.schemas import (
 from app.sse import HEADERS, MIMETYPE, follow, sse_body
 from statemachine import deadline
 from statemachine.states import states_for_wire_status
-from statemachine.store import RunQuery
+from statemachine.store import RunQuery, read_all_events
 
 bp = Blueprint("runs", __name__)
 
@@ -47,9 +47,11 @@ TOOL_LIST_LIMIT = 256
 @requires("agents:run")
 def create_run(agent_id: str) -> Response:
     form = CREATE_FORM.load(request.form)
-    user_id = identity().user_id or form["user_id"]
+    caller = identity()
+    user_id = caller.user_id or form["user_id"]
     started = agentos().service.create_run(agent_id, form["message"], form["session_id"],
-                                           user_id, exclusive=identity().owner is not None)
+                                           user_id, idempotency(form), caller.subject,
+                                           exclusive=caller.owner is not None)
     g.run_id = started.run_id  # for the request's log line (issue 15)
     return run_answer(agent_id, started, form["stream"])
 
@@ -76,7 +78,7 @@ def cancel_run(agent_id: str, run_id: str) -> Response:
 def get_run(agent_id: str, run_id: str) -> Response:
     query = GET_QUERY.load(request.args)
     run = agentos().service.visible_run(access(agent_id, run_id, query))
-    return jsonify(run_object(run, agentos().store.read_events(run.run_id)))
+    return jsonify(run_object(run, read_all_events(agentos().store, run.run_id)))
 
 
 @bp.get("/agents/<agent_id>/runs")
@@ -91,7 +93,7 @@ def list_runs(agent_id: str) -> Response:
     if owner and query["user_id"] not in (None, owner):
         runs = []
     store = agentos().store
-    return jsonify([run_object(run, store.read_events(run.run_id)) for run in runs])
+    return jsonify([run_object(run, read_all_events(store, run.run_id)) for run in runs])
 
 
 @bp.get("/agents/<agent_id>/runs/<run_id>/events")
@@ -100,7 +102,7 @@ def run_events(agent_id: str, run_id: str) -> Response:
     query = EVENTS_QUERY.load(request.args)
     after = last_event_id(query["last_event_id"])
     run = agentos().service.visible_run(access(agent_id, run_id, {}))
-    return stream_response(agent_id, run.run_id, after)
+    return stream_response(agent_id, run.run_id, after, history_until=run.last_seq)
 
 
 def access(agent_id: str, run_id: str, form: dict[str, Any]) -> RunAccess:
@@ -200,23 +202,27 @@ def run_answer(agent_id: str, started: Started, stream: bool) -> Response:
             pass
     with deadline.budget(os.settings["STORE_TIMEOUT_SECONDS"]):
         run = os.store.get_run(started.run_id)
-        return jsonify(run_object(run, os.store.read_events(run.run_id)))
+        return jsonify(run_object(run, read_all_events(os.store, run.run_id)))
 
 
-def stream_response(agent_id: str, run_id: str, after: int) -> Response:
-    """An SSE response; status and headers are fixed before the first event is read."""
+def stream_response(agent_id: str, run_id: str, after: int, history_until: int = 0) -> Response:
+    """An SSE response; status and headers are fixed before the first event is read.
+
+    A resume (`/events`) replays every stored event up to `history_until`, across pauses;
+    a create's or continue's stream ends at the first terminal event after `after`.
+    """
     location = url_for("runs.run_events", agent_id=agent_id, run_id=run_id,
                        last_event_id=after)
     headers = {**HEADERS, "Location": location}
-    return Response(sse_body(_follow(run_id, after, outages=True)), status=200,
+    return Response(sse_body(_follow(run_id, after, history_until, outages=True)), status=200,
                     content_type=MIMETYPE, headers=headers)
 
 
-def _follow(run_id: str, after: int, *, outages: bool):
+def _follow(run_id: str, after: int, history_until: int = 0, *, outages: bool):
     """Follow the run; a stream waits a store outage out for a lease (its pings keep the
     client), while a `stream=false` answer is a 503 at once (it must answer in its budget)."""
     os = agentos()
     return follow(os.store, run_id, after, os.service.current_state,
                   ping_seconds=os.settings["STREAM_PING_SECONDS"],
-                  max_seconds=os.settings["STREAM_MAX_SECONDS"],
+                  max_seconds=os.settings["STREAM_MAX_SECONDS"], history_until=history_until,
                   outage_seconds=os.settings["RUN_LEASE_SECONDS"] if outages else 0.0)
