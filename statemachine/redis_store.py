@@ -2,17 +2,22 @@
 
 Scripts are sent with EVALSHA and reloaded on NOSCRIPT (redis-py's `Script` does both). Index
 keys (listing, sweeps) are written before the run's own atomic commit and checked against the
-run when read, so a crash between the two leaves a harmless hint, never a wrong answer.
+run when read, so a crash between the two leaves a harmless hint, never a wrong answer (see
+`redis_index`). With `cluster=True` the client is redis-py's `RedisCluster`: every script
+touches the keys of one slot, and pipelines hold only commands it can route one by one.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import redis
+from redis.cluster import RedisCluster
+from redis.connection import Encoder
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -24,10 +29,10 @@ from statemachine.errors import (
     StaleRun,
     StoreUnavailable,
 )
-from statemachine.keys import Keys
+from statemachine.keys import Keys, approval_member
+from statemachine.redis_index import RedisIndex
 from statemachine.states import RunState
 from statemachine.store import (
-    APPROVAL_PENDING,
     Approval,
     ApprovalQuery,
     Commit,
@@ -35,17 +40,23 @@ from statemachine.store import (
     RunQuery,
     StoredEvent,
     StoredRun,
-    approval_matches,
     dumps,
     lease_lapsed,
     paused_before,
     resolve_outcome,
-    run_matches,
 )
 
 T = TypeVar("T")
-_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, redis.exceptions.BusyLoadingError)
-_SCAN_BATCH = 200
+_UNAVAILABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    redis.exceptions.BusyLoadingError,
+    # A cluster electing a new primary, or a slot with no node for a moment:
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.SlotNotCoveredError,
+    redis.exceptions.MasterDownError,
+)
 
 
 def _guarded(method: Callable[..., T]) -> Callable[..., T]:
@@ -90,7 +101,7 @@ def _run_from_hash(fields: dict[str, str]) -> StoredRun:
     )
 
 
-def _approval_from_hash(fields: dict[str, str]) -> Approval:
+def approval_from_hash(fields: dict[str, str]) -> Approval:
     doc = json.loads(fields["doc"])
     resolution = json.loads(fields["resolution"]) if fields.get("resolution") else {}
     return Approval(
@@ -109,8 +120,60 @@ def _num(value: float | None) -> str:
     return "" if value is None else repr(value)
 
 
+class _LazyCluster:
+    """A `RedisCluster` built on first use, not at start.
+
+    Building one reads the cluster's slot map, so it needs a reachable node; a server must
+    start (and answer 503) while the cluster is down or electing. Scripts registered on it
+    need only its encoder, which needs no connection.
+    """
+
+    def __init__(self, factory: Callable[[], RedisCluster]) -> None:
+        self._factory = factory
+        self._client: RedisCluster | None = None
+        self._lock = threading.Lock()
+
+    def get_encoder(self) -> Encoder:
+        return Encoder(encoding="utf-8", encoding_errors="strict", decode_responses=True)
+
+    def client(self) -> RedisCluster:
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    try:
+                        self._client = self._factory()
+                    except redis.exceptions.RedisClusterException as exc:
+                        raise RedisConnectionError(f"cluster unreachable: {exc}") from exc
+        return self._client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client(), name)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+
+def connect(url: str, *, cluster: bool, socket_timeout: float, max_connections: int) -> Any:
+    """The Redis client for `url` (`redis://`, `rediss://` with TLS, `unix://`; user and
+    password in the URL): one server, or with `cluster` a Redis Cluster reached through
+    any of its nodes. Timeouts bound every call; the pool is bounded."""
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": min(socket_timeout, 2.0),
+        "health_check_interval": 15,
+        "max_connections": max_connections,
+    }
+    if cluster:
+        return _LazyCluster(lambda: RedisCluster.from_url(url, **options))
+    pool = redis.BlockingConnectionPool.from_url(url, timeout=socket_timeout, **options)
+    return redis.Redis(connection_pool=pool)
+
+
 class RedisRunStore:
-    """RunStore on Redis; safe for any number of processes and hosts sharing one server."""
+    """RunStore on Redis; safe for any number of processes and hosts sharing one server or
+    one Redis Cluster."""
 
     def __init__(
         self,
@@ -119,18 +182,13 @@ class RedisRunStore:
         prefix: str = "agentos",
         socket_timeout: float = 5.0,
         max_connections: int = 64,
+        cluster: bool = False,
     ) -> None:
         self.keys = Keys(prefix)
-        pool = redis.BlockingConnectionPool.from_url(
-            url,
-            decode_responses=True,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=min(socket_timeout, 2.0),
-            health_check_interval=15,
-            max_connections=max_connections,
-            timeout=socket_timeout,
-        )
-        self.redis = redis.Redis(connection_pool=pool)
+        self.cluster = cluster
+        self.redis = connect(url, cluster=cluster, socket_timeout=socket_timeout,
+                             max_connections=max_connections)
+        self.index = RedisIndex(self.redis, self.keys, _run_from_hash, approval_from_hash)
         self._block_cap = max(0.1, socket_timeout - 1.0)
         self._commit = self.redis.register_script(lua.COMMIT)
         self._create = self.redis.register_script(lua.CREATE)
@@ -147,10 +205,7 @@ class RedisRunStore:
     @_guarded
     def create_run(self, run: StoredRun, events: list[dict[str, Any]]) -> CommitResult:
         """Store a new run at version 1 with its first events; the id must be new."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.zadd(self.keys.agent_runs(run.agent_id), {run.run_id: run.created_at}, nx=True)
-        self._hint_lifecycle(pipe, run.run_id, run.lease_until, run.paused_at)
-        pipe.execute()
+        self.index.hint_create(run)
         fields = {
             "run_id": run.run_id,
             "agent_id": run.agent_id,
@@ -183,7 +238,7 @@ class RedisRunStore:
     def commit(self, commit: Commit) -> CommitResult:
         """Apply `commit` atomically if the run is still at its expected version."""
         if commit.reindex:
-            self._hint_commit(commit)
+            self.index.hint_commit(commit)
         rid = commit.run_id
         remember = commit.remember
         keys = [self.keys.run(rid), self.keys.events(rid),
@@ -211,29 +266,15 @@ class RedisRunStore:
             *(dumps(a.doc) for a in commit.approvals),
         ]
         out = self._commit(keys=keys, args=args)
+        if out[0] < 0 and commit.reindex:
+            self.index.after_lost_commit(commit)
         if out[0] == -1:
             raise RunNotFound(rid)
         if out[0] == -2:
             raise StaleRun(rid)
+        if commit.reindex:
+            self.index.after_commit(commit, int(out[0]))
         return CommitResult(version=int(out[0]), seqs=[int(s) for s in out[1:]])
-
-    def _hint_commit(self, commit: Commit) -> None:
-        """Index hints for the sweeps and listings, written before the commit they describe."""
-        pipe = self.redis.pipeline(transaction=False)
-        for approval in commit.approvals:
-            pipe.hset(self.keys.approval_runs(), approval.approval_id, commit.run_id)
-            pipe.zadd(self.keys.approvals_by_time(), {approval.approval_id: commit.now})
-        if commit.retain_seconds is not None:
-            pipe.zadd(self.keys.finished(), {commit.run_id: commit.now})
-        self._hint_lifecycle(pipe, commit.run_id, commit.lease_until, commit.paused_at)
-        pipe.execute()
-
-    def _hint_lifecycle(self, pipe: Any, run_id: str, lease_until: float | None,
-                        paused_at: float | None) -> None:
-        if lease_until is not None:
-            pipe.zadd(self.keys.executing(), {run_id: lease_until})
-        if paused_at is not None:
-            pipe.zadd(self.keys.paused(), {run_id: paused_at})
 
     @_guarded
     def read_events(self, run_id: str, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
@@ -252,38 +293,8 @@ class RedisRunStore:
 
     @_guarded
     def list_runs(self, query: RunQuery) -> list[StoredRun]:
-        """Newest first; index entries whose run has expired are dropped on the way."""
-        index = self.keys.agent_runs(query.agent_id)
-        wanted, skipped, start = [], 0, 0
-        while len(wanted) < query.limit:
-            ids = self.redis.zrevrange(index, start, start + _SCAN_BATCH - 1)
-            if not ids:
-                break
-            start += len(ids)
-            for run in self._runs_by_id(index, ids):
-                if not run_matches(run, query):
-                    continue
-                if skipped < query.offset:
-                    skipped += 1
-                    continue
-                wanted.append(run)
-                if len(wanted) == query.limit:
-                    break
-        return wanted
-
-    def _runs_by_id(self, index: str, ids: list[str]) -> list[StoredRun]:
-        pipe = self.redis.pipeline(transaction=False)
-        for run_id in ids:
-            pipe.hgetall(self.keys.run(run_id))
-        runs, gone = [], []
-        for run_id, fields in zip(ids, pipe.execute(), strict=True):
-            if fields:
-                runs.append(_run_from_hash(fields))
-            else:
-                gone.append(run_id)
-        if gone:
-            self.redis.zrem(index, *gone)
-        return runs
+        """Newest first, from the index of the most selective filter (see `redis_index`)."""
+        return self.index.list_runs(query)
 
     # -- leases and sweeps --------------------------------------------------------------
 
@@ -292,39 +303,23 @@ class RedisRunStore:
         pipe = self.redis.pipeline(transaction=False)
         ids = list(run_ids)
         for run_id in ids:
-            self._renew(keys=[self.keys.run(run_id)], args=[owner, repr(until)], client=pipe)
-        if ids:
-            pipe.zadd(self.keys.executing(), dict.fromkeys(ids, until))
+            pipe.eval(self._renew.script, 1, self.keys.run(run_id), owner, repr(until))
+        self.index.renew(ids, until, pipe)
         pipe.execute()
 
     @_guarded
     def runs_with_lapsed_lease(self, now: float, limit: int = 100) -> list[str]:
         """Runs whose lease hint lapsed; hints of runs no longer executing are dropped."""
-        return self._due(self.keys.executing(), now, limit, lease_lapsed)
+        return self.index.due("executing", now, limit, lease_lapsed)
 
     @_guarded
     def runs_paused_before(self, before: float, limit: int = 100) -> list[str]:
-        return self._due(self.keys.paused(), before, limit, paused_before)
-
-    def _due(self, index: str, bound: float, limit: int, still: Callable) -> list[str]:
-        ids = self.redis.zrangebyscore(index, "-inf", bound, start=0, num=limit)
-        due, stale = [], []
-        for run_id in ids:
-            try:
-                run = self.get_run(run_id)
-            except RunNotFound:
-                stale.append(run_id)
-                continue
-            (due if still(run, bound) else stale).append(run_id)
-        stale = [r for r in stale if r not in due]
-        if stale:
-            self.redis.zrem(index, *stale)
-        return due
+        return self.index.due("paused", before, limit, paused_before)
 
     # -- approvals ----------------------------------------------------------------------
 
     def _approval_key(self, approval_id: str) -> str:
-        run_id = self.redis.hget(self.keys.approval_runs(), approval_id)
+        run_id = self.redis.hget(self.keys.approval_runs(approval_id), approval_id)
         if not run_id:
             raise ApprovalNotFound(approval_id)
         return self.keys.approval(run_id, approval_id)
@@ -334,36 +329,15 @@ class RedisRunStore:
         fields = self.redis.hgetall(self._approval_key(approval_id))
         if not fields:
             raise ApprovalNotFound(approval_id)
-        return _approval_from_hash(fields)
+        return approval_from_hash(fields)
 
     @_guarded
     def list_approvals(self, query: ApprovalQuery) -> tuple[list[Approval], int]:
-        matching = [a for a in self._all_approvals() if approval_matches(a, query)]
-        return matching[query.offset : query.offset + query.limit], len(matching)
+        return self.index.list_approvals(query)
 
     @_guarded
     def count_pending_approvals(self, user_id: str | None = None) -> int:
-        query = ApprovalQuery(status=APPROVAL_PENDING, user_id=user_id)
-        return sum(1 for a in self._all_approvals() if approval_matches(a, query))
-
-    def _all_approvals(self) -> list[Approval]:
-        ids = self.redis.zrevrange(self.keys.approvals_by_time(), 0, -1)
-        runs = self.redis.hmget(self.keys.approval_runs(), ids) if ids else []
-        pipe = self.redis.pipeline(transaction=False)
-        for approval_id, run_id in zip(ids, runs, strict=True):
-            pipe.hgetall(self.keys.approval(run_id or "-", approval_id))
-        found, gone = [], []
-        for approval_id, fields in zip(ids, pipe.execute(), strict=True):
-            (found.append(_approval_from_hash(fields)) if fields else gone.append(approval_id))
-        if gone:
-            self._forget_approvals(gone)
-        return found
-
-    def _forget_approvals(self, approval_ids: list[str]) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.zrem(self.keys.approvals_by_time(), *approval_ids)
-        pipe.hdel(self.keys.approval_runs(), *approval_ids)
-        pipe.execute()
+        return self.index.count_pending(user_id)
 
     @_guarded
     def resolve_approval(self, approval: Approval, expected_version: int, now: float):
@@ -375,19 +349,28 @@ class RedisRunStore:
         }
         keys = [self.keys.run(approval.run_id), self.keys.approval(approval.run_id,
                                                                   approval.approval_id)]
+        self.index.hint_resolve(approval, expected_version)
         out = self._resolve(
             keys=keys, args=[expected_version, approval.status, dumps(resolution), repr(now)]
         )
-        return resolve_outcome(out[0], approval, out[1] if len(out) > 1 else None)
+        result = resolve_outcome(out[0], approval, out[1] if len(out) > 1 else None)
+        self.index.after_resolve(approval, result.version)
+        return result
 
     @_guarded
     def delete_approval(self, approval_id: str) -> None:
-        out = self._delete_approval(keys=[self._approval_key(approval_id)])
+        run_id = self.redis.hget(self.keys.approval_runs(approval_id), approval_id)
+        if not run_id:
+            raise ApprovalNotFound(approval_id)
+        out = self._delete_approval(keys=[self.keys.approval(run_id, approval_id)])
         if out == -3:
             raise ApprovalNotFound(approval_id)
         if out == -4:
             raise ApprovalStillPending()
-        self._forget_approvals([approval_id])
+        pipe = self.redis.pipeline(transaction=False)
+        self.index.forget_approval(pipe, approval_member(approval_id, run_id),
+                                   self.index.identity(run_id))
+        pipe.execute()
 
     # -- idempotency, retention ---------------------------------------------------------
 
@@ -399,29 +382,15 @@ class RedisRunStore:
 
     @_guarded
     def purge_finished(self, before: float) -> int:
-        """Drop index entries of runs finished before `before` (their keys expire by TTL)."""
-        ids = self.redis.zrangebyscore(self.keys.finished(), "-inf", before, start=0, num=1000)
-        if not ids:
-            return 0
-        pipe = self.redis.pipeline(transaction=False)
-        for run_id in ids:
-            pipe.hmget(self.keys.run(run_id), "agent_id", "state")
-        rows = pipe.execute()
-        pipe, purged = self.redis.pipeline(transaction=False), 0
-        for run_id, (agent_id, state) in zip(ids, rows, strict=True):
-            if state and not RunState(state).is_final:
-                continue  # the hint of a final commit that lost its compare-and-set
-            purged += 1
-            if agent_id:
-                pipe.zrem(self.keys.agent_runs(agent_id), run_id)
-            pipe.zrem(self.keys.executing(), run_id)
-            pipe.zrem(self.keys.paused(), run_id)
-        pipe.zrem(self.keys.finished(), *ids)
-        pipe.execute()
-        return purged
+        """Drop every index entry of runs finished before `before` (their keys expire by TTL,
+        before or after this runs)."""
+        return self.index.purge(before)
 
     def close(self) -> None:
-        self.redis.connection_pool.disconnect()
+        if self.cluster:
+            self.redis.close()
+        else:
+            self.redis.connection_pool.disconnect()
 
 
 def _event(entry_id: str, fields: dict[str, str]) -> StoredEvent:
