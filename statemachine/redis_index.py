@@ -128,7 +128,13 @@ class _Hint:
                       member]
 
     def send(self, pipe: Any) -> None:
-        pipe.eval(lua.HINT, len(self.keys), *self.keys, *self.args)
+        pipe_eval(pipe, lua.HINT, self.keys, self.args)
+
+
+def pipe_eval(pipe: Any, source: str, keys: list[str], args: list[Any]) -> None:
+    """Queue EVAL of `source` (sent whole: no NOSCRIPT can fail a pipeline) on `pipe`; the
+    cluster pipeline routes it by its keys, which must share one slot."""
+    pipe.execute_command("EVAL", source, len(keys), *keys, *args)
 
 
 def _identity(run: StoredRun) -> str:
@@ -289,7 +295,7 @@ class RedisIndex:
     def _send_unhint(self, pipe: Any, run_id: str, version: int, keys: list[str],
                      member: str) -> None:
         hinted = self.keys.run_hinted(shard_of(run_id))
-        pipe.eval(lua.UNHINT, 1 + len(keys), hinted, *keys, run_id, version, member)
+        pipe_eval(pipe, lua.UNHINT, [hinted, *keys], [run_id, version, member])
 
     @staticmethod
     def _quietly(step: Callable[[], None]) -> None:

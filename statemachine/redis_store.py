@@ -30,7 +30,7 @@ from statemachine.errors import (
     StoreUnavailable,
 )
 from statemachine.keys import Keys, approval_member
-from statemachine.redis_index import RedisIndex
+from statemachine.redis_index import RedisIndex, pipe_eval
 from statemachine.states import RunState
 from statemachine.store import (
     Approval,
@@ -303,7 +303,7 @@ class RedisRunStore:
         pipe = self.redis.pipeline(transaction=False)
         ids = list(run_ids)
         for run_id in ids:
-            pipe.eval(self._renew.script, 1, self.keys.run(run_id), owner, repr(until))
+            pipe_eval(pipe, lua.RENEW_LEASE, [self.keys.run(run_id)], [owner, repr(until)])
         self.index.renew(ids, until, pipe)
         pipe.execute()
 
