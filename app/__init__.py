@@ -42,13 +42,14 @@ class _StrictJSON(DefaultJSONProvider):
 
 
 def build_store(settings: dict[str, Any]) -> RunStore:
-    """Redis when `REDIS_URL` is set (multi-host), else the embedded SQLite file."""
+    """Redis when `REDIS_URL` is set (multi-host; a Redis Cluster through any of its nodes
+    with `REDIS_CLUSTER`), else the embedded SQLite file."""
     timeout = settings["STORE_TIMEOUT_SECONDS"]
     if settings["REDIS_URL"]:
         from statemachine.redis_store import RedisRunStore
 
         return RedisRunStore(settings["REDIS_URL"], prefix=settings["REDIS_KEY_PREFIX"],
-                             socket_timeout=timeout)
+                             socket_timeout=timeout, cluster=bool(settings["REDIS_CLUSTER"]))
     from statemachine.sqlite_store import SqliteRunStore
 
     return SqliteRunStore(settings["AGENTOS_DB"], busy_timeout=timeout)

@@ -14,6 +14,7 @@ DEFAULTS: dict[str, Any] = {
     "PORT": 7777,
     "REDIS_URL": None,
     "REDIS_KEY_PREFIX": "agentos",
+    "REDIS_CLUSTER": False,
     "AGENTOS_DB": "agentos.db",
     "STORE_TIMEOUT_SECONDS": 5.0,
     "OS_SECURITY_KEY": None,
@@ -33,8 +34,19 @@ DEFAULTS: dict[str, Any] = {
     "MAX_CONTENT_LENGTH": 1024 * 1024,
 }
 
+def flag(value: str) -> bool:
+    """A yes/no setting: 1/true/yes/on or 0/false/no/off (any case)."""
+    word = value.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
+
+
 _CASTS: dict[str, Any] = {
     "PORT": int,
+    "REDIS_CLUSTER": flag,
     "STORE_TIMEOUT_SECONDS": float,
     "RUN_LEASE_SECONDS": float,
     "PAUSE_TTL_SECONDS": float,

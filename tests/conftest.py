@@ -89,8 +89,13 @@ def redis_cluster(lab_network) -> Iterator[RedisClusterNodes]:
 def cluster_prefix(redis_cluster: RedisClusterNodes) -> Iterator[str]:
     prefix = f"agentos-test-{uuid.uuid4().hex[:12]}"
     yield prefix
-    for port in redis_cluster.primaries():
-        client = redis.Redis(host=redis_cluster.host, port=port)
+    drop_cluster_prefix(redis_cluster, prefix)
+
+
+def drop_cluster_prefix(nodes: RedisClusterNodes, prefix: str) -> None:
+    """Delete the keys under `prefix` on every primary (each key lives on one)."""
+    for port in nodes.primaries():
+        client = redis.Redis(host=nodes.host, port=port)
         try:
             for key in list(client.scan_iter(match=f"{prefix}:*", count=1000)):
                 client.delete(key)
