@@ -70,6 +70,7 @@ class RedisClusterNodes:
         subprocess.run(["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas",
                         "1", "--cluster-yes"], check=True, capture_output=True, timeout=60)
         wait_until(self.healthy, 30, interval=0.2, what="the cluster to be ok on every node")
+        wait_until(self.replicas_synced, 30, interval=0.2, what="every replica to sync")
         return self
 
     def start_node(self, port: int) -> None:
@@ -102,6 +103,20 @@ class RedisClusterNodes:
             if "cluster_state:ok" not in info or "cluster_slots_ok:16384" not in info:
                 return False
         return True
+
+    def replicas_synced(self) -> bool:
+        """Every replica's link to its primary is up (a replica that never synced cannot
+        be elected, so a failover test must wait for this)."""
+        replicas = 0
+        for port, process in self.processes.items():
+            if process.poll() is not None:
+                continue
+            info = self._cli(port, "INFO", "replication")
+            if "role:slave" in info:
+                replicas += 1
+                if "master_link_status:up" not in info or "master_sync_in_progress:0" not in info:
+                    return False
+        return replicas == self.nodes // 2
 
     def primaries(self) -> list[int]:
         """Ports of the nodes that are primaries now (as the first live node sees it)."""
