@@ -1,0 +1,101 @@
+"""The Redis indexes' own promises, on one server and on a cluster: hints written before a
+commit survive readers until the commit lands, stale ones are removed by the reader that
+meets them, values with separators cannot collide, and the shards spread the entries."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from statemachine.keys import SHARDS, part, shard_of
+from statemachine.states import RunState
+from statemachine.store import Commit
+from tests.conftest import make_store
+from tests.test_store_contract import (
+    AGENT,
+    advance,
+    approvals_listed,
+    create,
+    listed,
+    new_run,
+    paused_with_approvals,
+)
+
+pytestmark = pytest.mark.redis
+PAUSED, CONTINUED = RunState.PAUSED, RunState.CONTINUED
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def store(request, tmp_path):
+    instance = make_store(request.param, request, tmp_path)
+    yield instance
+    instance.close()
+
+
+def state_entry(store, run_id: str, state: RunState) -> float | None:
+    return store.redis.zscore(store.keys.agent_state_runs(shard_of(run_id), AGENT, state.value),
+                              run_id)
+
+
+def test_a_hint_in_flight_survives_a_reader_until_its_commit_lands(store):
+    run = create(store, new_run(state=PAUSED, paused_at=time.time()))
+    commit = Commit(run_id=run.run_id, expected_version=run.version, state=CONTINUED,
+                    doc=run.doc, now=time.time(), lease_owner="w1",
+                    lease_until=time.time() + 60)
+    store.index.hint_commit(commit)  # the writer has hinted, not yet committed
+    assert listed(store, states=frozenset({CONTINUED})) == []
+    assert state_entry(store, run.run_id, CONTINUED) is not None, "the reader kept the hint"
+    store.commit(commit)
+    assert listed(store, states=frozenset({CONTINUED})) == [run.run_id]
+    assert state_entry(store, run.run_id, PAUSED) is None, "the commit removed the old entry"
+    assert listed(store, states=frozenset({PAUSED})) == []
+
+
+def test_a_reader_removes_the_hint_of_a_commit_that_lost(store):
+    run = create(store, new_run(state=PAUSED, paused_at=time.time()))
+    advance(store, run, CONTINUED, lease_owner="w1", lease_until=time.time() + 60)
+    store.index.hint_commit(Commit(run_id=run.run_id, expected_version=run.version,
+                                   state=RunState.CANCELLED, doc=run.doc, now=time.time()))
+    assert listed(store, states=frozenset({RunState.CANCELLED})) == []
+    assert state_entry(store, run.run_id, RunState.CANCELLED) is None
+
+
+def test_values_with_separators_never_share_an_index(store):
+    t0 = time.time()
+    tricky = [("u:1", "s}{"), ("u", "1:s}{"), ("u%3A1", "s")]
+    ids = [create(store, new_run(user_id=user, session_id=session, created_at=t0 + i)).run_id
+           for i, (user, session) in enumerate(tricky)]
+    assert listed(store, user_id="u:1") == [ids[0]]
+    assert listed(store, user_id="u") == [ids[1]]
+    assert listed(store, user_id="u%3A1") == [ids[2]]
+    assert listed(store, session_id="s}{") == [ids[0]]
+    assert part("a:b{c}%") == "a%3Ab%7Bc%7D%25"
+
+
+def test_entries_spread_over_the_shards_and_pages_merge_them(store):
+    t0 = time.time()
+    ids = [create(store, new_run(f"spread-{i}", created_at=t0 + i)).run_id for i in range(40)]
+    assert len({shard_of(run_id) for run_id in ids}) > SHARDS // 2
+    newest = ids[::-1]
+    assert [listed(store, limit=7, offset=o) for o in range(0, 40, 7)] == [
+        newest[o:o + 7] for o in range(0, 40, 7)]
+
+
+def test_approval_filters_combine_and_count(store):
+    t0 = time.time()
+    _, (a1,) = paused_with_approvals(store, now=t0, user_id="u1", session_id="s1")
+    _, (a2,) = paused_with_approvals(store, now=t0 + 1, user_id="u1", session_id="s2")
+    _, (b1,) = paused_with_approvals(store, now=t0 + 2, user_id="u2", session_id="s1")
+    assert approvals_listed(store, user_id="u1", session_id="s1") == ([a1], 1)
+    assert approvals_listed(store, status="pending", session_id="s1") == ([b1, a1], 2)
+    assert approvals_listed(store, status="pending", user_id="u1", limit=1) == ([a2], 2)
+    assert store.count_pending_approvals("u1") == 2
+
+
+def test_the_sweep_reads_a_bounded_batch_of_each_shard(store):
+    now = time.time()
+    for i in range(30):
+        create(store, new_run(f"lapsed-{i}", lease_owner="w1", lease_until=now - 100 + i))
+    due = store.runs_with_lapsed_lease(now, limit=5)
+    assert due == [f"lapsed-{i}" for i in range(5)], "oldest lease first, across shards"
