@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test lint fuzz bench clean
+.PHONY: run test lint fuzz bench bench-continue clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ fuzz: $(VENV)/.installed-dev
 	$(BIN)/python -m tests.fuzz_server --examples 300
 
 bench: $(VENV)/.installed-dev
+	$(BIN)/python -m bench.hot_path $(BENCH_ARGS)
+
+bench-continue: $(VENV)/.installed-dev
 	$(BIN)/python -m bench.continue_throughput
 
 clean:

@@ -100,6 +100,7 @@ class Gunicorn:
     env: dict[str, str]
     workers: int = 2
     threads: int = 8
+    app_spec: str = "wsgi:app"
     port: int = field(default_factory=free_port)
     host: str = "127.0.0.1"
     netns: str | None = None
@@ -118,7 +119,7 @@ class Gunicorn:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         inside = ["ip", "netns", "exec", self.netns] if self.netns else []
         self.process = subprocess.Popen(
-            [*inside, sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+            [*inside, sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", self.app_spec],
             cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )

@@ -1,0 +1,189 @@
+"""`make bench`: the hot path's figures, against a bare Flask endpoint in the same run.
+
+Starts a private redis-server, our server (gunicorn, 2 workers, the production settings of
+gunicorn.conf.py) and a bare Flask app with one trivial form POST under the same gunicorn
+configuration, each driven from separate processes:
+
+- (a) create then continue, non-streamed, with wrk at concurrency 1, 16 and 64; the ratio of
+  our request rate to the bare endpoint's at the same concurrency;
+- (b) the same pair streamed (time to first event and to the end), with a Python client whose
+  own ceiling against the bare endpoint is printed beside it;
+- both on Redis, then on SQLite;
+- Redis commands per create and per continue, bytes Redis receives per streamed delta, Redis
+  memory per paused and per finished run, and continue latency with 1,000 and with 1,000,000
+  stored runs (bulk-loaded through the store's own API, not through HTTP).
+
+It prints one JSON line per figure and a Markdown summary at the end; it asserts nothing.
+
+    python -m bench.hot_path [--seconds 10] [--concurrency 1,16,64] [--stored 1000,1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+import uuid
+from contextlib import contextmanager
+from urllib.parse import urlparse
+
+import redis
+
+from bench import loadgen, redis_costs
+from tests.servers import Gunicorn, RedisServer
+
+PRODUCTION = {"WORKERS": 2}
+
+
+def emit(kind: str, **figures) -> dict:
+    row = {"figure": kind, **figures}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+@contextmanager
+def serving(env: dict[str, str], app_spec: str = "wsgi:app"):
+    server = Gunicorn(env=env, workers=PRODUCTION["WORKERS"], app_spec=app_spec).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def request_rates(label: str, ours: Gunicorn, bare: Gunicorn, args) -> list[dict]:
+    """(a): the create+continue loop beside the bare endpoint, at each concurrency."""
+    rows = []
+    for conns in args.concurrency:
+        yardstick = loadgen.run_wrk(f"{bare.url}/echo", "bare_post.lua", conns, args.seconds)
+        loop = loadgen.run_wrk(ours.url, "create_continue.lua", conns, args.seconds)
+        our_rate = loop["requests"] / loop["seconds"]
+        bare_rate = yardstick["requests"] / yardstick["seconds"]
+        rows.append(emit("non_streamed", store=label, concurrency=conns,
+                         requests_per_second=round(our_rate, 1),
+                         pairs_per_second=round(loop["continues"] / loop["seconds"], 1),
+                         bare_requests_per_second=round(bare_rate, 1),
+                         ratio_to_bare=round(our_rate / bare_rate, 3),
+                         p50_ms=loop["p50_ms"], p95_ms=loop["p95_ms"], p99_ms=loop["p99_ms"],
+                         bare_p50_ms=yardstick["p50_ms"], bad=loop["bad"],
+                         socket_errors=loop["errors"]))
+    return rows
+
+
+def streamed(label: str, ours: Gunicorn, bare: Gunicorn, args) -> list[dict]:
+    """(b): streamed create and continue; the Python client's ceiling beside it."""
+    rows = []
+    host, port = "127.0.0.1", urlparse(ours.url).port
+    for conns in args.concurrency:
+        figures = loadgen.streamed_pairs(host, port, conns, args.seconds)
+        ceiling = loadgen.python_client_ceiling("127.0.0.1", urlparse(bare.url).port, conns,
+                                                min(5.0, args.seconds))
+        rows.append(emit("streamed", store=label, concurrency=conns, **figures,
+                         client_ceiling_bare_rps=ceiling))
+    return rows
+
+
+def redis_figures(url: str, prefix: str, ours: Gunicorn, args) -> dict:
+    client = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        figures = {
+            "commands": emit("redis_commands", **redis_costs.commands_per_request(
+                ours.url, client)),
+            "bytes": emit("redis_bytes_per_delta", rows=redis_costs.bytes_per_delta(
+                ours.url, client, (200, 2000, 10000))),
+            "memory": emit("redis_memory_per_run", **redis_costs.memory_per_run(
+                ours.url, client, prefix)),
+        }
+    finally:
+        client.close()
+    return figures
+
+
+def flatness(url: str, prefix: str, ours: Gunicorn, stored: list[int]) -> list[dict]:
+    """Continue latency as the number of stored runs grows (bulk-loaded, not via HTTP)."""
+    rows, loaded = [], 0
+    for target in stored:
+        rate = redis_costs.bulk_load(url, prefix, target - loaded) if target > loaded else 0
+        loaded = max(loaded, target)
+        rows.append(emit("continue_latency_vs_stored", stored_runs=loaded,
+                         bulk_load_runs_per_second=rate,
+                         **redis_costs.continue_latency(ours.url)))
+    return rows
+
+
+def redis_env(url: str, prefix: str) -> dict[str, str]:
+    return {"REDIS_URL": url, "REDIS_KEY_PREFIX": prefix}
+
+
+def bench_redis(args, bare: Gunicorn, results: dict) -> None:
+    server = RedisServer().start()
+    try:
+        prefix = f"bench-{uuid.uuid4().hex[:6]}"
+        with serving(redis_env(server.url, prefix)) as ours:
+            results["redis_rates"] = request_rates("redis", ours, bare, args)
+            results["redis_streamed"] = streamed("redis", ours, bare, args)
+            results["redis"] = redis_figures(server.url, prefix, ours, args)
+        flat_prefix = f"flat-{uuid.uuid4().hex[:6]}"
+        with serving(redis_env(server.url, flat_prefix)) as ours:
+            results["flat"] = flatness(server.url, flat_prefix, ours, args.stored)
+    finally:
+        server.stop()
+
+
+def bench_sqlite(args, bare: Gunicorn, results: dict) -> None:
+    with tempfile.TemporaryDirectory() as folder, \
+            serving({"AGENTOS_DB": f"{folder}/bench.db"}) as ours:
+        results["sqlite_rates"] = request_rates("sqlite", ours, bare, args)
+        results["sqlite_streamed"] = streamed("sqlite", ours, bare, args)
+
+
+def summary(results: dict) -> str:
+    """The Markdown tables the README's benchmark section is made of."""
+    lines = ["| store | conc. | req/s | pairs/s | bare req/s | ratio | p50 ms | p95 ms | "
+             "p99 ms |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in results.get("redis_rates", []) + results.get("sqlite_rates", []):
+        lines.append(f"| {row['store']} | {row['concurrency']} | {row['requests_per_second']}"
+                     f" | {row['pairs_per_second']} | {row['bare_requests_per_second']} | "
+                     f"{row['ratio_to_bare']} | {row['p50_ms']} | {row['p95_ms']} | "
+                     f"{row['p99_ms']} |")
+    lines += ["", "| store | conc. | streamed pairs/s | first event p50 ms | end p50 ms | "
+              "end p99 ms | client ceiling (bare req/s) |", "|---|---|---|---|---|---|---|"]
+    for row in results.get("redis_streamed", []) + results.get("sqlite_streamed", []):
+        lines.append(f"| {row['store']} | {row['concurrency']} | {row['pairs_per_second']} | "
+                     f"{row['first_event_p50_ms']} | {row['end_p50_ms']} | "
+                     f"{row['end_p99_ms']} | {row['client_ceiling_bare_rps']} |")
+    return "\n".join(lines)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--concurrency", default="1,16,64",
+                        type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--stored", default="1000,1000000",
+                        type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--stores", default="redis,sqlite", type=lambda s: s.split(","))
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if not loadgen.have_wrk():
+        raise SystemExit("make bench needs wrk (Debian package `wrk`)")
+    emit("machine", cores=os.cpu_count(), processor=platform.processor() or platform.machine(),
+         python=platform.python_version(), date=time.strftime("%Y-%m-%d %H:%M UTC",
+                                                              time.gmtime()),
+         workers=PRODUCTION["WORKERS"], seconds_per_figure=args.seconds)
+    results: dict = {}
+    with serving({}, app_spec="bench.bare_app:app") as bare:
+        if "redis" in args.stores:
+            bench_redis(args, bare, results)
+        if "sqlite" in args.stores:
+            bench_sqlite(args, bare, results)
+    print(summary(results))
+
+
+if __name__ == "__main__":
+    main()
