@@ -49,7 +49,8 @@ def build_store(settings: dict[str, Any]) -> RunStore:
         from statemachine.redis_store import RedisRunStore
 
         return RedisRunStore(settings["REDIS_URL"], prefix=settings["REDIS_KEY_PREFIX"],
-                             socket_timeout=timeout, cluster=bool(settings["REDIS_CLUSTER"]))
+                             socket_timeout=timeout, cluster=bool(settings["REDIS_CLUSTER"]),
+                             wait_replicas=settings["REDIS_WAIT_REPLICAS"])
     from statemachine.sqlite_store import SqliteRunStore
 
     return SqliteRunStore(settings["AGENTOS_DB"], busy_timeout=timeout)

@@ -15,6 +15,7 @@ DEFAULTS: dict[str, Any] = {
     "REDIS_URL": None,
     "REDIS_KEY_PREFIX": "agentos",
     "REDIS_CLUSTER": False,
+    "REDIS_WAIT_REPLICAS": 0,
     "AGENTOS_DB": "agentos.db",
     "STORE_TIMEOUT_SECONDS": 5.0,
     "OS_SECURITY_KEY": None,
@@ -47,6 +48,7 @@ def flag(value: str) -> bool:
 _CASTS: dict[str, Any] = {
     "PORT": int,
     "REDIS_CLUSTER": flag,
+    "REDIS_WAIT_REPLICAS": int,
     "STORE_TIMEOUT_SECONDS": float,
     "RUN_LEASE_SECONDS": float,
     "PAUSE_TTL_SECONDS": float,
@@ -86,6 +88,8 @@ def load_settings(overrides: Mapping[str, Any] | None = None,
             settings[name] = _cast(name, environ[name])
     for name, value in (overrides or {}).items():
         settings[name] = _cast(name, value) if name in DEFAULTS else value
+    if settings["REDIS_WAIT_REPLICAS"] < 0:
+        raise ConfigError("REDIS_WAIT_REPLICAS must be 0 or more")
     if settings["RUN_LEASE_SECONDS"] <= 0:
         raise ConfigError("RUN_LEASE_SECONDS must be positive")
     if settings["JWT_ALGORITHM"] not in ("RS256", "HS256"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
@@ -47,6 +48,7 @@ from statemachine.store import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 _UNAVAILABLE = (
     RedisConnectionError,
     RedisTimeoutError,
@@ -183,9 +185,12 @@ class RedisRunStore:
         socket_timeout: float = 5.0,
         max_connections: int = 64,
         cluster: bool = False,
+        wait_replicas: int = 0,
     ) -> None:
         self.keys = Keys(prefix)
         self.cluster = cluster
+        self.wait_replicas = wait_replicas
+        self.wait_timeout = min(1.0, socket_timeout / 2)
         self.redis = connect(url, cluster=cluster, socket_timeout=socket_timeout,
                              max_connections=max_connections)
         self.index = RedisIndex(self.redis, self.keys, _run_from_hash, approval_from_hash)
@@ -265,7 +270,8 @@ class RedisRunStore:
             *map(dumps, commit.events),
             *(dumps(a.doc) for a in commit.approvals),
         ]
-        out = self._commit(keys=keys, args=args)
+        out = self._replicated(keys, args) if commit.reindex else \
+            self._commit(keys=keys, args=args)
         if out[0] < 0 and commit.reindex:
             self.index.after_lost_commit(commit)
         if out[0] == -1:
@@ -275,6 +281,35 @@ class RedisRunStore:
         if commit.reindex:
             self.index.after_commit(commit, int(out[0]))
         return CommitResult(version=int(out[0]), seqs=[int(s) for s in out[1:]])
+
+    def _replicated(self, keys: list[str], args: list[Any]) -> Any:
+        """COMMIT, then (with `wait_replicas`) WAIT on the same connection until that many
+        replicas have the write, for at most `wait_timeout` seconds.
+
+        A state change (above all PAUSED -> CONTINUED, after which tools run) that only the
+        primary holds is lost if the primary dies before replicating it; the promoted replica
+        would let the run be continued a second time. Waiting closes that window whenever the
+        replicas keep up; when they do not, the write stands and the shortfall is logged (a
+        continue must not fail because a replica is slow)."""
+        if not self.wait_replicas:
+            return self._commit(keys=keys, args=args)
+        try:
+            pipe = self._node(keys[0]).pipeline(transaction=False)
+            self._commit(keys=keys, args=args, client=pipe)
+            pipe.execute_command("WAIT", self.wait_replicas, int(self.wait_timeout * 1000))
+            out, acked = pipe.execute()
+        except (redis.exceptions.MovedError, redis.exceptions.AskError):
+            return self._commit(keys=keys, args=args)  # refused unrun; the cluster client routes
+        if int(acked) < self.wait_replicas:
+            log.warning("commit on %s reached %s of %s replicas within %ss", keys[0], acked,
+                        self.wait_replicas, self.wait_timeout)
+        return out
+
+    def _node(self, key: str) -> Any:
+        """The client of the node that serves `key` (WAIT counts one connection's writes)."""
+        if not self.cluster:
+            return self.redis
+        return self.redis.get_redis_connection(self.redis.get_node_from_key(key))
 
     @_guarded
     def read_events(self, run_id: str, after: int = 0, limit: int = 1000) -> list[StoredEvent]:

@@ -57,7 +57,7 @@ def start_hosts(lab: LabNetwork | str, nodes: RedisClusterNodes, prefix: str,
         for index in range(2):
             log = logs / f"tools-{index}.log"
             settings = {"REDIS_URL": nodes.url, "REDIS_CLUSTER": "1", "REDIS_KEY_PREFIX": prefix,
-                        "DEMO_TOOL_LOG": str(log), **env}
+                        "REDIS_WAIT_REPLICAS": "1", "DEMO_TOOL_LOG": str(log), **env}
             where = ({"host": lab.addresses[index], "netns": lab.namespaces[index]}
                      if isinstance(lab, LabNetwork) else {})
             hosts.append(Host(Gunicorn(env=settings, workers=2, **where).start(), log))

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from statemachine.keys import SHARDS, part, shard_of
+from statemachine.redis_store import RedisRunStore
 from statemachine.states import RunState
 from statemachine.store import Commit
 from tests.conftest import make_store
@@ -99,3 +100,39 @@ def test_the_sweep_reads_a_bounded_batch_of_each_shard(store):
         create(store, new_run(f"lapsed-{i}", lease_owner="w1", lease_until=now - 100 + i))
     due = store.runs_with_lapsed_lease(now, limit=5)
     assert due == [f"lapsed-{i}" for i in range(5)], "oldest lease first, across shards"
+
+
+def wait_calls(client) -> int:
+    return int(client.info("commandstats").get("cmdstat_wait", {}).get("calls", 0))
+
+
+def test_a_state_change_waits_for_a_replica_on_the_cluster(redis_cluster, cluster_prefix):
+    store = RedisRunStore(redis_cluster.url, prefix=cluster_prefix, cluster=True,
+                          wait_replicas=1)
+    try:
+        run = create(store, new_run(state=PAUSED, paused_at=time.time()))
+        node = store._node(store.keys.run(run.run_id))
+        before = wait_calls(node)
+        started = time.monotonic()
+        advance(store, run, CONTINUED, lease_owner="w1", lease_until=time.time() + 60)
+        assert time.monotonic() - started < 0.5, "the replica acknowledged at once"
+        assert wait_calls(node) == before + 1
+        assert store.get_run(run.run_id).state is CONTINUED
+        checkpoint = store.get_run(run.run_id)
+        advance(store, checkpoint, CONTINUED, reindex=False, lease_owner="w1",
+                lease_until=time.time() + 60)
+        assert wait_calls(node) == before + 1, "a checkpoint does not wait"
+    finally:
+        store.close()
+
+
+def test_a_replica_that_does_not_answer_delays_but_never_fails_a_commit(
+        redis_url, redis_prefix, caplog):
+    store = RedisRunStore(redis_url, prefix=redis_prefix, socket_timeout=0.6, wait_replicas=1)
+    try:
+        run = create(store, new_run(state=PAUSED, paused_at=time.time()))
+        advance(store, run, CONTINUED, lease_owner="w1", lease_until=time.time() + 60)
+        assert store.get_run(run.run_id).state is CONTINUED
+        assert "reached 0 of 1 replicas" in caplog.text
+    finally:
+        store.close()
