@@ -130,6 +130,9 @@ class _Hint:
     def send(self, pipe: Any) -> None:
         pipe_eval(pipe, lua.HINT, self.keys, self.args)
 
+    def run(self, client: Any) -> None:
+        client.execute_command("EVAL", lua.HINT, len(self.keys), *self.keys, *self.args)
+
 
 def pipe_eval(pipe: Any, source: str, keys: list[str], args: list[Any]) -> None:
     """Queue EVAL of `source` (sent whole: no NOSCRIPT can fail a pipeline) on `pipe`; the
@@ -168,9 +171,7 @@ class RedisIndex:
         hint.add(k.agent_state_runs(s, run.agent_id, run.state.value), run.run_id,
                  run.created_at)
         self._lifecycle(hint, run.run_id, run.lease_until, run.paused_at, None)
-        pipe = self.redis.pipeline(transaction=False)
-        hint.send(pipe)
-        pipe.execute()
+        hint.run(self.redis)
 
     def hint_commit(self, commit: Commit) -> None:
         """The entries `commit` will make true: its state, lifecycle and new approvals."""
@@ -196,9 +197,7 @@ class RedisIndex:
         hint = _Hint(self.keys, approval.run_id, expected_version + 1)
         self._hint_status(hint, approval_member(approval.approval_id, approval.run_id),
                           approval.status)
-        pipe = self.redis.pipeline(transaction=False)
-        hint.send(pipe)
-        pipe.execute()
+        hint.run(self.redis)
 
     def _agent_of(self, commit: Commit) -> str:
         agent = commit.doc.get("agent_id")
@@ -390,7 +389,8 @@ class RedisIndex:
     # -- reading approvals ----------------------------------------------------------------
 
     def list_approvals(self, query: ApprovalQuery) -> tuple[list[Approval], int]:
-        """A page of approvals, newest first, and the number that match."""
+        """A page of approvals, newest first, and the number that match: the indexes' count
+        less the stale entries this page met (exact unless a crash left a hint behind)."""
         groups = self._approval_groups(query)
         total = self._approval_total(query, groups)
         sources = self._smallest(groups) if groups else {
@@ -399,7 +399,8 @@ class RedisIndex:
         stale: list[int] = []
         page = self._page(merge, query.offset, query.limit,
                           lambda batch: self._verify_approvals(batch, sources, query, stale))
-        return page, max(0, total - len(stale))
+        exact = len(groups) <= 1  # the total counted the very entries found stale
+        return page, max(0, total - len(stale)) if exact else total
 
     def count_pending(self, user_id: str | None) -> int:
         k = self.keys
