@@ -152,8 +152,15 @@ class _LazyCluster:
         return getattr(self.client(), name)
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
+        """Close the cluster client and every node's pool (its own `close` leaves the pools
+        of node clients open, and `WAIT` uses them directly)."""
+        if self._client is None:
+            return
+        nodes = self._client.get_nodes()
+        self._client.close()
+        for node in nodes:
+            if node.redis_connection is not None:
+                node.redis_connection.connection_pool.disconnect()
 
 
 def connect(url: str, *, cluster: bool, socket_timeout: float, max_connections: int) -> Any:
