@@ -21,6 +21,7 @@ from tests.test_store_contract import (
     listed,
     new_run,
     paused_with_approvals,
+    resolve,
 )
 
 pytestmark = pytest.mark.redis
@@ -136,3 +137,33 @@ def test_a_replica_that_does_not_answer_delays_but_never_fails_a_commit(
         assert "reached 0 of 1 replicas" in caplog.text
     finally:
         store.close()
+
+
+def test_reindex_rebuilds_every_index_from_the_runs(store):
+    from statemachine.reindex import reindex
+
+    t0 = time.time()
+    run, (a1, a2) = paused_with_approvals(store, 2, now=t0, user_id="u1", session_id="s1")
+    resolve(store, a1)
+    other = create(store, new_run(user_id="u2", state=RunState.RUNNING, created_at=t0 + 1,
+                                  lease_owner="w1", lease_until=t0 - 5))
+
+    def views() -> tuple:
+        return (listed(store), listed(store, user_id="u1"),
+                listed(store, states=frozenset({PAUSED})), approvals_listed(store),
+                approvals_listed(store, status="pending"), store.count_pending_approvals(),
+                store.runs_with_lapsed_lease(time.time()))
+
+    before = views()
+    assert before[0] == [other.run_id, run.run_id] and before[-1] == [other.run_id]
+    store.redis.zadd(f"{store.keys.prefix}:approvals", {a1: t0})  # the old layout's keys
+    store.redis.zadd(f"{store.keys.prefix}:agent-runs:{AGENT}", {run.run_id: t0})
+    for key in list(store.redis.scan_iter(match=f"{store.keys.prefix}:{{idx-*")):
+        store.redis.delete(key)
+    assert views()[0] == []
+    done = reindex(store, drop_legacy=True)
+    assert done == {"runs": 2, "approvals": 2, "legacy_keys_dropped": 2}
+    assert views() == before
+    assert store.get_approval(a2).status == "pending"
+    assert reindex(store) == {"runs": 2, "approvals": 2, "legacy_keys_dropped": 0}
+    assert views() == before
