@@ -164,14 +164,32 @@ class RedisIndex:
 
     def hint_create(self, run: StoredRun) -> None:
         """Every entry a new run needs, at version 1, before the run exists."""
+        self._hint_run(run, 1, None)
+
+    def hint_stored_run(self, run: StoredRun, finished_at: float | None) -> None:
+        """The entries of a run that exists already (a rebuild), at its own version."""
+        self._hint_run(run, run.version, finished_at)
+
+    def _hint_run(self, run: StoredRun, version: int, finished_at: float | None) -> None:
         k, s = self.keys, shard_of(run.run_id)
-        hint = _Hint(k, run.run_id, 1, _identity(run))
+        hint = _Hint(k, run.run_id, version, _identity(run))
         for key in self._identity_keys(s, run.agent_id, run.session_id, run.user_id):
             hint.add(key, run.run_id, run.created_at)
         hint.add(k.agent_state_runs(s, run.agent_id, run.state.value), run.run_id,
                  run.created_at)
-        self._lifecycle(hint, run.run_id, run.lease_until, run.paused_at, None)
+        self._lifecycle(hint, run.run_id, run.lease_until, run.paused_at, finished_at)
         hint.run(self.redis)
+
+    def hint_stored_approval(self, approval: Approval, created_at: float) -> None:
+        """The entries of an approval that exists already (a rebuild)."""
+        member = approval_member(approval.approval_id, approval.run_id)
+        hint = _Hint(self.keys, approval.run_id, 0)
+        for key in self._approval_keys(hint.shard, approval.run_id, approval.doc,
+                                       (approval.status,)):
+            hint.add(key, member, created_at)
+        hint.run(self.redis)
+        self.redis.hset(self.keys.approval_runs(approval.approval_id), approval.approval_id,
+                        approval.run_id)
 
     def hint_commit(self, commit: Commit) -> None:
         """The entries `commit` will make true: its state, lifecycle and new approvals."""

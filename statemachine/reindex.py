@@ -17,8 +17,6 @@ import json
 import os
 import sys
 
-from statemachine.keys import approval_member, shard_of
-from statemachine.redis_index import _Hint, _identity
 from statemachine.redis_store import RedisRunStore, _run_from_hash, approval_from_hash
 
 LEGACY = ("approvals", "approval-run", "executing", "paused", "finished")
@@ -44,29 +42,16 @@ def reindex(store: RedisRunStore, *, drop_legacy: bool = False, batch: int = 500
 
 
 def _index_run(store: RedisRunStore, fields: dict[str, str], ttl: int) -> None:
-    run, k = _run_from_hash(fields), store.keys
-    s = shard_of(run.run_id)
-    hint = _Hint(k, run.run_id, run.version, _identity(run))
-    for key in store.index._identity_keys(s, run.agent_id, run.session_id, run.user_id):
-        hint.add(key, run.run_id, run.created_at)
-    hint.add(k.agent_state_runs(s, run.agent_id, run.state.value), run.run_id, run.created_at)
+    run = _run_from_hash(fields)
     finished = run.updated_at if run.state.is_final and ttl > 0 else None
-    store.index._lifecycle(hint, run.run_id, run.lease_until, run.paused_at, finished)
-    hint.run(store.redis)
+    store.index.hint_stored_run(run, finished)
 
 
 def _index_approval(store: RedisRunStore, fields: dict[str, str]) -> None:
     approval = approval_from_hash(fields)
     created = approval.doc.get("created_at")
-    score = float(created) if isinstance(created, int | float) else 0.0
-    member = approval_member(approval.approval_id, approval.run_id)
-    hint = _Hint(store.keys, approval.run_id, 0)
-    for key in store.index._approval_keys(shard_of(approval.run_id), approval.run_id,
-                                          approval.doc, (approval.status,)):
-        hint.add(key, member, score)
-    hint.run(store.redis)
-    store.redis.hset(store.keys.approval_runs(approval.approval_id), approval.approval_id,
-                     approval.run_id)
+    store.index.hint_stored_approval(
+        approval, float(created) if isinstance(created, int | float) else 0.0)
 
 
 def _drop_legacy(store: RedisRunStore, batch: int) -> int:
