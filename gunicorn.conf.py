@@ -1,18 +1,61 @@
 """gunicorn settings, read from the environment (see the README's configuration table)."""
 
 import os
+import resource
 
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '7777')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+# gevent (the default): every connection is a greenlet, so thousands of open streams and slow
+# clients cost memory, not threads; redis-py's socket I/O cooperates, SQLite calls and tools
+# run in small pools of OS threads (see the README's deployment section). `gthread` is the
+# alternative: one OS thread per connection, `GUNICORN_THREADS` per worker.
+worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gevent")
+worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", "2000"))
 threads = int(os.environ.get("GUNICORN_THREADS", "8"))
-worker_class = "gthread"
-# Streams can stay open for long; gthread workers heartbeat independently of requests.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "60"))
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "30"))
-keepalive = 5
+# Also the bound on a request's headers under gevent: a connection whose request line and
+# headers have not arrived within it is closed.
+keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", "5"))
 # The longest request line gunicorn accepts (its maximum): ids are bounded at 255 characters,
 # and a longer line is refused by gunicorn itself with a 414 before the app sees it.
 limit_request_line = 8190
 accesslog = os.environ.get("GUNICORN_ACCESSLOG") or None
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info")
+
+# gunicorn 27 opens a control socket at one path per machine for every master: instances on
+# one host would share it. None unless this instance names its own path.
+control_socket = os.environ.get("GUNICORN_CONTROL_SOCKET") or None
+control_socket_disable = control_socket is None
+if control_socket is None:
+    del control_socket
+
+
+def on_starting(server):
+    """Each open stream holds a client socket and, while it waits, a Redis connection."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        wanted = 65536 if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+        except (ValueError, OSError) as exc:
+            server.log.warning("open files stay limited to %s: %s", soft, exc)
+
+
+def post_worker_init(worker):
+    from app.shutdown import install
+
+    install(worker)
+
+
+def worker_int(worker):
+    from app.shutdown import stop_now
+
+    stop_now(worker)
+
+
+def worker_exit(server, worker):
+    from app.shutdown import stop_now
+
+    stop_now(worker)

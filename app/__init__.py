@@ -6,16 +6,19 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import Flask
+from flask import Flask, g
 from flask.json.provider import DefaultJSONProvider
 
 from app.config import load_settings
 from app.context import AgentOS
 from app.errors import register_error_handlers
+from app.intake import BodyIntake
 from app.runtime.agent import Agent, load_agents
 from app.runtime.executor import RunExecutor
 from app.runtime.service import RunService, Settings
+from app.runtime.sessions import SessionService
 from app.schemas import strict_json
+from statemachine import deadline
 from statemachine.store import RunStore
 
 __all__ = ["create_app"]
@@ -49,7 +52,9 @@ def build_store(settings: dict[str, Any]) -> RunStore:
         from statemachine.redis_store import RedisRunStore
 
         return RedisRunStore(settings["REDIS_URL"], prefix=settings["REDIS_KEY_PREFIX"],
-                             socket_timeout=timeout, cluster=bool(settings["REDIS_CLUSTER"]),
+                             socket_timeout=timeout,
+                             max_connections=settings["REDIS_MAX_CONNECTIONS"],
+                             cluster=bool(settings["REDIS_CLUSTER"]),
                              wait_replicas=settings["REDIS_WAIT_REPLICAS"])
     from statemachine.sqlite_store import SqliteRunStore
 
@@ -75,7 +80,8 @@ def _runtime(settings: dict[str, Any], config: dict[str, Any]) -> AgentOS:
         pause_ttl_seconds=settings["PAUSE_TTL_SECONDS"],
         retain_seconds=settings["RUN_RETENTION_SECONDS"]), executor)
     executor.sweep = service.sweep
-    return AgentOS(settings, store, agents, service, executor, datetime.now(UTC).isoformat())
+    return AgentOS(settings, store, agents, service, executor, datetime.now(UTC).isoformat(),
+                   SessionService(service))
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
@@ -89,18 +95,30 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.json.sort_keys = False
     app.extensions["agentos"] = _runtime(settings, config)
     _register(app)
-    app.wsgi_app = _TrailingSlashTolerant(app.wsgi_app)  # type: ignore[method-assign]
+    app.wsgi_app = BodyIntake(  # type: ignore[method-assign]
+        _TrailingSlashTolerant(app.wsgi_app), timeout=settings["REQUEST_TIMEOUT_SECONDS"],
+        max_length=settings["MAX_CONTENT_LENGTH"])
     logging.getLogger("app").setLevel(logging.INFO)
     return app
 
 
 def _register(app: Flask) -> None:
-    from app.views import approvals, meta, runs
+    from app.views import approvals, meta, runs, sessions
 
-    for blueprint in (meta.bp, runs.bp, approvals.bp):
+    for blueprint in (meta.bp, runs.bp, approvals.bp, sessions.bp):
         app.register_blueprint(blueprint)
     register_error_handlers(app)
 
     @app.before_request
     def _start_background() -> None:
         app.extensions["agentos"].executor.ensure_background()
+
+    @app.before_request
+    def _open_store_budget() -> None:
+        g.store_budget = deadline.open_budget(app.config["AGENTOS"]["STORE_TIMEOUT_SECONDS"])
+
+    @app.teardown_request
+    def _close_store_budget(_exc: BaseException | None) -> None:
+        token = g.pop("store_budget", None)
+        if token is not None:
+            deadline.close_budget(token)

@@ -28,11 +28,13 @@ DEFAULTS: dict[str, Any] = {
     "PAUSE_TTL_SECONDS": None,
     "RUN_RETENTION_SECONDS": 7 * 24 * 3600,
     "SWEEP_INTERVAL_SECONDS": 2.0,
-    "MAX_RUNS_PER_PROCESS": 64,
+    "MAX_RUNS_PER_PROCESS": 1000,
     "STREAM_MAX_SECONDS": 3600.0,
     "STREAM_PING_SECONDS": 15.0,
     "IDEMPOTENCY_TTL_SECONDS": 24 * 3600,
     "MAX_CONTENT_LENGTH": 1024 * 1024,
+    "REQUEST_TIMEOUT_SECONDS": 10.0,
+    "REDIS_MAX_CONNECTIONS": 2048,
 }
 
 def flag(value: str) -> bool:
@@ -59,6 +61,8 @@ _CASTS: dict[str, Any] = {
     "STREAM_PING_SECONDS": float,
     "IDEMPOTENCY_TTL_SECONDS": int,
     "MAX_CONTENT_LENGTH": int,
+    "REQUEST_TIMEOUT_SECONDS": float,
+    "REDIS_MAX_CONNECTIONS": int,
 }
 
 
@@ -88,10 +92,12 @@ def load_settings(overrides: Mapping[str, Any] | None = None,
             settings[name] = _cast(name, environ[name])
     for name, value in (overrides or {}).items():
         settings[name] = _cast(name, value) if name in DEFAULTS else value
+    for name in ("RUN_LEASE_SECONDS", "REQUEST_TIMEOUT_SECONDS", "STORE_TIMEOUT_SECONDS",
+                 "MAX_RUNS_PER_PROCESS", "REDIS_MAX_CONNECTIONS"):
+        if settings[name] is None or settings[name] <= 0:
+            raise ConfigError(f"{name} must be positive")
     if settings["REDIS_WAIT_REPLICAS"] < 0:
         raise ConfigError("REDIS_WAIT_REPLICAS must be 0 or more")
-    if settings["RUN_LEASE_SECONDS"] <= 0:
-        raise ConfigError("RUN_LEASE_SECONDS must be positive")
     if settings["JWT_ALGORITHM"] not in ("RS256", "HS256"):
         raise ConfigError("JWT_ALGORITHM must be RS256 or HS256")
     return settings

@@ -10,6 +10,7 @@ from flask import current_app
 from app.runtime.agent import Agent
 from app.runtime.executor import RunExecutor
 from app.runtime.service import RunService
+from app.runtime.sessions import SessionService
 from statemachine.store import RunStore
 
 
@@ -21,6 +22,12 @@ class AgentOS:
     service: RunService
     executor: RunExecutor
     instantiated_at: str
+    sessions: SessionService
+
+    @property
+    def db_id(self) -> str:
+        """The one database id the reference's clients see (agents' `db_id`, `/config`)."""
+        return f"{self.settings['AGENTOS_ID']}-db"
 
 
 def agentos() -> AgentOS:

@@ -13,9 +13,10 @@ from flask import Flask, Response, jsonify
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
-from app.runtime.executor import ExecutorBusy
+from app.runtime.executor import ExecutorBusy, ShuttingDown
 from app.runtime.resolution import ToolInputError
 from app.runtime.service import AgentNotFound, ApprovalAwaitingContinue, IdempotencyMismatch
+from app.runtime.sessions import SessionBusy, SessionTooLarge
 from statemachine.errors import (
     ApprovalAlreadyResolved,
     ApprovalNotFound,
@@ -23,6 +24,9 @@ from statemachine.errors import (
     ApprovalStillPending,
     InvalidTransition,
     RunNotFound,
+    SessionExists,
+    SessionNotFound,
+    SessionOwnedElsewhere,
     StaleRun,
     StoreUnavailable,
 )
@@ -36,6 +40,7 @@ _HTTP_CODES = {
     403: "FORBIDDEN",
     404: "NOT_FOUND",
     405: "METHOD_NOT_ALLOWED",
+    408: "REQUEST_TIMEOUT",
     409: "CONFLICT",
     413: "PAYLOAD_TOO_LARGE",
     415: "UNSUPPORTED_MEDIA_TYPE",
@@ -109,6 +114,15 @@ HANDLERS: list[tuple[type[BaseException], Any]] = [
     (AgentNotFound, lambda e: error_response(404, "Agent not found")),
     (RunNotFound, lambda e: error_response(404, "Run not found")),
     (ApprovalNotFound, lambda e: error_response(404, "Approval not found")),
+    (SessionNotFound, lambda e: error_response(404, "Session not found")),
+    (SessionExists, lambda e: error_response(409, "A session with this id already exists")),
+    (SessionOwnedElsewhere, lambda e: error_response(
+        409, "This session_id is already in use by another user")),
+    (SessionBusy, lambda e: error_response(
+        409, "The session has a run executing and cannot be deleted; cancel it or wait "
+             "until it pauses or ends", run_id=e.run_id)),
+    (SessionTooLarge, lambda e: error_response(
+        409, "The session has more runs than one deletion takes")),
     (ToolInputError, lambda e: error_response(400, e.detail)),
     (ApprovalAlreadyResolved, lambda e: error_response(409, str(e))),
     (ApprovalStillPending, lambda e: error_response(409, str(e))),
@@ -119,6 +133,9 @@ HANDLERS: list[tuple[type[BaseException], Any]] = [
                                              "processed; read it again")),
     (StoreUnavailable, lambda e: error_response(
         503, "The run store is unavailable; retry later", headers={"Retry-After": "1"})),
+    (ShuttingDown, lambda e: error_response(
+        503, "This server is shutting down and takes no new runs; retry",
+        headers={"Retry-After": "1"})),
     (ExecutorBusy, lambda e: error_response(
         503, "Every execution slot of this server is busy; retry later",
         headers={"Retry-After": "1"})),

@@ -208,7 +208,7 @@ def _errors(*codes: int) -> dict[int, Any]:
 
 
 def _paths() -> dict[str, dict[str, Any]]:
-    return {**_meta_paths(), **_run_paths(), **_approval_paths()}
+    return {**_meta_paths(), **_run_paths(), **_approval_paths(), **_session_paths()}
 
 
 def _meta_paths() -> dict[str, dict[str, Any]]:
@@ -292,6 +292,58 @@ def _approval_paths() -> dict[str, dict[str, Any]]:
     }
 
 
+def _json_body(schema: str, required: bool = True) -> dict[str, Any]:
+    return {"required": required, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{schema}"}}}}
+
+
+def _session_paths() -> dict[str, dict[str, Any]]:
+    """Agno 2.5.6's session router: the same operation ids, queries and bodies."""
+    session = _path_params("session_id")
+
+    def one() -> list[dict[str, Any]]:  # a fresh list each time: the plugin expands it
+        return _query_params(schemas.SessionQuerySchema)
+
+    detail = {200: _json("AgentSessionDetailSchema"), **_errors(401, 403, 404, 422, 503)}
+    return {
+        "/sessions": {
+            "get": _op("get_sessions", "List Sessions", "Sessions",
+                       {200: _json("PaginatedResponse_SessionSchema_"),
+                        **_errors(401, 403, 404, 422, 503)},
+                       params=_query_params(schemas.SessionsQuerySchema)),
+            "post": _op("create_session", "Create New Session", "Sessions",
+                        {201: _json("AgentSessionDetailSchema", "Session created"),
+                         **_errors(401, 403, 404, 409, 413, 422, 503)},
+                        params=one(), body=_json_body("CreateSessionRequest", required=False)),
+            "delete": _op("delete_sessions", "Delete Multiple Sessions", "Sessions",
+                          {204: {"description": "Deleted"},
+                           **_errors(401, 403, 404, 409, 413, 422, 503)},
+                          params=one(), body=_json_body("DeleteSessionRequest")),
+        },
+        "/sessions/{session_id}": {
+            "get": _op("get_session_by_id", "Get Session by ID", "Sessions", detail,
+                       params=session + one()),
+            "patch": _op("update_session", "Update Session", "Sessions",
+                         {**detail, 413: _error(413)}, params=session + one(),
+                         body=_json_body("UpdateSessionRequest")),
+            "delete": _op("delete_session", "Delete Session", "Sessions",
+                          {204: {"description": "Deleted with its runs"},
+                           **_errors(401, 403, 404, 409, 422, 503)}, params=session + one()),
+        },
+        "/sessions/{session_id}/rename": {"post": _op(
+            "rename_session", "Rename Session", "Sessions", {**detail, 413: _error(413)},
+            params=session + one(), body=_json_body("RenameSessionRequest"))},
+        "/sessions/{session_id}/runs": {"get": _op(
+            "get_session_runs", "Get Session Runs", "Sessions",
+            {200: _json_list("RunSchema", "The session's runs, oldest first"),
+             **_errors(401, 403, 404, 422, 503)}, params=session + one())},
+        "/sessions/{session_id}/runs/{run_id}": {"get": _op(
+            "get_session_run", "Get Run by ID", "Sessions",
+            {200: _json("RunSchema"), **_errors(401, 403, 404, 422, 503)},
+            params=_path_params("session_id", "run_id") + one())},
+    }
+
+
 _OUTPUT_SCHEMAS = {
     "ToolExecution": schemas.ToolExecutionSchema,
     "Run": schemas.RunSchema,
@@ -303,6 +355,14 @@ _OUTPUT_SCHEMAS = {
     "Agent": schemas.AgentSchema,
     "Health": schemas.HealthSchema,
     "Root": schemas.RootSchema,
+    "SessionSchema": schemas.SessionOutSchema,
+    "PaginatedResponse_SessionSchema_": schemas.SessionPageSchema,
+    "AgentSessionDetailSchema": schemas.AgentSessionDetailSchema,
+    "RunSchema": schemas.SessionRunSchema,
+    "CreateSessionRequest": schemas.CreateSessionSchema,
+    "UpdateSessionRequest": schemas.UpdateSessionSchema,
+    "RenameSessionRequest": schemas.RenameSessionSchema,
+    "DeleteSessionRequest": schemas.DeleteSessionsSchema,
 }
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+from datetime import UTC, datetime
 from typing import Any
 
+from app.runtime.agent import Agent
 from app.runtime.documents import compact
-from statemachine.store import Approval, StoredEvent, StoredRun
+from statemachine.store import Approval, StoredEvent, StoredRun, StoredSession
 
 APPROVAL_KEYS = (
     "id", "run_id", "session_id", "agent_id", "user_id", "status", "approval_type",
@@ -45,3 +48,99 @@ def approval_status(approval: Approval) -> dict[str, Any]:
         "resolved_at": approval.resolved_at,
         "resolved_by": approval.resolved_by,
     }
+
+
+# -- sessions: the shapes of Agno 2.5.6's session models ------------------------------------
+
+# Runs in these states add nothing to a session's chat history (as in the reference).
+_HISTORY_SKIPS = frozenset({"PAUSED", "CANCELLED", "ERROR"})
+_HISTORY_ROLES = frozenset({"user", "assistant"})
+_TOKEN_KEYS = ("input_tokens", "output_tokens", "total_tokens")
+
+
+def iso_time(epoch_seconds: float) -> str:
+    """A UTC time as the reference's models serialize a datetime: `2025-09-05T16:02:09Z`."""
+    return datetime.fromtimestamp(int(epoch_seconds), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def session_item(session: StoredSession) -> dict[str, Any]:
+    """One entry of `GET /sessions` (SessionSchema)."""
+    return {
+        "session_id": session.session_id,
+        "session_name": session.display_name,
+        "session_state": session.session_state,
+        "created_at": iso_time(session.created_at),
+        "updated_at": iso_time(session.updated_at),
+    }
+
+
+def session_page(sessions: list[StoredSession], total: int, page: int, limit: int,
+                 search_ms: float) -> dict[str, Any]:
+    return {"data": [session_item(s) for s in sessions], "meta": {
+        "page": page, "limit": limit, "total_pages": math.ceil(total / limit) if total else 0,
+        "total_count": total, "search_time_ms": round(search_ms, 3)}}
+
+
+def session_detail(session: StoredSession, runs: list[StoredRun],
+                   agent: Agent | None) -> dict[str, Any]:
+    """`GET /sessions/{id}` (AgentSessionDetailSchema): the record and its chat history."""
+    metrics = _session_metrics(runs)
+    return compact({
+        "user_id": session.user_id,
+        "agent_session_id": session.session_id,
+        "session_id": session.session_id,
+        "session_name": session.display_name,
+        "session_state": session.session_state,
+        "agent_id": session.agent_id,
+        "total_tokens": metrics.get("total_tokens"),
+        "agent_data": _agent_data(agent),
+        "metrics": metrics,
+        "metadata": session.metadata,
+        "chat_history": _chat_history(runs),
+        "created_at": iso_time(session.created_at),
+        "updated_at": iso_time(session.updated_at),
+    })
+
+
+def _chat_history(runs: list[StoredRun]) -> list[dict[str, Any]]:
+    return [dict(m) for run in runs if run.state.wire_status not in _HISTORY_SKIPS
+            for m in run.doc.get("messages", []) if m.get("role") in _HISTORY_ROLES]
+
+
+def _session_metrics(runs: list[StoredRun]) -> dict[str, int]:
+    totals = dict.fromkeys(_TOKEN_KEYS, 0)
+    for run in runs:
+        for key in _TOKEN_KEYS:
+            totals[key] += int((run.doc.get("metrics") or {}).get(key) or 0)
+    return totals
+
+
+def _agent_data(agent: Agent | None) -> dict[str, Any] | None:
+    if agent is None:
+        return None
+    return {"name": agent.display_name, "agent_id": agent.id, "model": {
+        "provider": agent.model.provider, "name": type(agent.model).__name__,
+        "id": agent.model.id}}
+
+
+def session_run(run: StoredRun, events: list[StoredEvent]) -> dict[str, Any]:
+    """A run as the session endpoints show it (RunSchema)."""
+    doc = run.doc
+    return compact({
+        "run_id": run.run_id,
+        "agent_id": run.agent_id,
+        "user_id": run.user_id,
+        "status": run.state.wire_status,
+        "run_input": (doc.get("input") or {}).get("input_content"),
+        "content": doc.get("content"),
+        "run_response_format": "text" if doc.get("content_type", "str") == "str" else "json",
+        "metrics": doc.get("metrics") or {},
+        "messages": doc.get("messages") or None,
+        "tools": doc.get("tools") or None,
+        "events": [e.data for e in events] or None,
+        "created_at": iso_time(run.created_at),
+        "session_state": doc.get("session_state"),
+        **{key: [] for key in ("reasoning_steps", "references", "reasoning_messages",
+                               "images", "videos", "audio", "files")},
+        "input_media": {"images": [], "videos": [], "audios": [], "files": []},
+    })

@@ -10,9 +10,18 @@ import json
 import math
 from typing import Any
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import (
+    EXCLUDE,
+    Schema,
+    ValidationError,
+    fields,
+    pre_load,
+    validate,
+    validates_schema,
+)
 
 from statemachine.states import WIRE_STATUSES
+from statemachine.store import SESSION_SORTS
 
 MAX_ID_LENGTH = 255
 MAX_MESSAGE_LENGTH = 100_000
@@ -335,3 +344,170 @@ class RootSchema(Schema):
     name = fields.String()
     id = fields.String()
     version = fields.String()
+
+
+# -- sessions (Agno 2.5.6's session router: its query names, its bodies) --------------------
+
+SESSION_TYPES = ("agent", "team", "workflow")
+MAX_SESSION_IDS = 1000
+PATH_ID = r"^[A-Za-z0-9_.:-]+$"
+
+
+def _path_id(**kwargs: Any) -> fields.String:
+    """An id a client picks that must later work in a URL path (contract section 1)."""
+    return fields.String(validate=[validate.Length(min=1, max=MAX_ID_LENGTH), validate.Regexp(
+        PATH_ID, error="Only letters, digits, '-', '_', '.' and ':' are allowed.")], **kwargs)
+
+
+class SessionInputSchema(InputSchema):
+    """An empty query value means the same as an absent one, as in the reference."""
+
+    @pre_load
+    def _drop_empty(self, data: Any, **kwargs: Any) -> Any:
+        if hasattr(data, "items"):
+            return {k: v for k, v in data.items() if v != ""}
+        return data
+
+
+class SessionQuerySchema(SessionInputSchema):
+    type = fields.String(load_default="agent", validate=validate.OneOf(SESSION_TYPES))
+    user_id = _id(load_default=None)
+    db_id = _id(load_default=None)
+    table = fields.String(load_default=None, validate=validate.Length(max=MAX_ID_LENGTH))
+
+
+class SessionsQuerySchema(SessionQuerySchema):
+    component_id = _id(load_default=None)
+    session_name = fields.String(load_default=None,
+                                 validate=validate.Length(max=MAX_MESSAGE_LENGTH))
+    sort_by = fields.String(load_default="created_at", validate=validate.OneOf(SESSION_SORTS))
+    sort_order = fields.String(load_default="desc", validate=validate.OneOf(["asc", "desc"]))
+    limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=1000))
+    page = fields.Integer(load_default=1, validate=validate.Range(min=1, max=1_000_000))
+
+
+class JsonBodySchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    @validates_schema(pass_original=True)
+    def _object_body(self, data: dict[str, Any], original: Any, **kwargs: Any) -> None:
+        if not isinstance(original, dict):
+            raise ValidationError("The body must be a JSON object.")
+
+
+def _session_name(**kwargs: Any) -> fields.String:
+    return fields.String(validate=validate.Length(min=1, max=MAX_MESSAGE_LENGTH), **kwargs)
+
+
+class CreateSessionSchema(JsonBodySchema):
+    session_id = _path_id(allow_none=True, load_default=None)
+    session_name = _session_name(allow_none=True, load_default=None)
+    session_state = fields.Dict(allow_none=True, load_default=None, validate=_shallow)
+    metadata = fields.Dict(allow_none=True, load_default=None, validate=_shallow)
+    user_id = _id(allow_none=True, load_default=None)
+    agent_id = _id(allow_none=True, load_default=None)
+    team_id = fields.String(allow_none=True, load_default=None)
+    workflow_id = fields.String(allow_none=True, load_default=None)
+
+
+class UpdateSessionSchema(JsonBodySchema):
+    session_name = _session_name(allow_none=True, load_default=None)
+    session_state = fields.Dict(allow_none=True, load_default=None, validate=_shallow)
+    metadata = fields.Dict(allow_none=True, load_default=None, validate=_shallow)
+    summary = fields.Raw(allow_none=True, load_default=None, validate=validate.Equal(
+        None, error="Session summaries are not stored by this server."))
+
+
+class RenameSessionSchema(JsonBodySchema):
+    session_name = _session_name(required=True)
+
+
+class DeleteSessionsSchema(JsonBodySchema):
+    """Items are checked here, not by item fields, so each field has one list of messages."""
+
+    session_ids = fields.Raw(required=True, metadata={
+        "type": "array", "minItems": 1, "maxItems": MAX_SESSION_IDS,
+        "items": {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH}})
+    session_types = fields.Raw(load_default=None, metadata={
+        "type": "array", "items": {"type": "string", "enum": list(SESSION_TYPES)}})
+
+    @validates_schema
+    def _items(self, data: dict[str, Any], **kwargs: Any) -> None:
+        ids, types = data.get("session_ids"), data.get("session_types")
+        if not isinstance(ids, list) or not 1 <= len(ids) <= MAX_SESSION_IDS:
+            raise ValidationError(f"Must be a list of 1 to {MAX_SESSION_IDS} ids.",
+                                  "session_ids")
+        if any(not isinstance(i, str) or not 1 <= len(i) <= MAX_ID_LENGTH for i in ids):
+            raise ValidationError(f"Each id must be 1 to {MAX_ID_LENGTH} characters.",
+                                  "session_ids")
+        if types is None:
+            return
+        if not isinstance(types, list) or any(t not in SESSION_TYPES for t in types):
+            raise ValidationError(f"Each type must be one of {', '.join(SESSION_TYPES)}.",
+                                  "session_types")
+        if len(types) != len(ids):
+            raise ValidationError("Session IDs and session types must have the same length",
+                                  "session_types")
+
+
+class SessionOutSchema(Schema):
+    session_id = fields.String(required=True)
+    session_name = fields.String(required=True)
+    session_state = fields.Dict(allow_none=True)
+    created_at = fields.DateTime(allow_none=True)
+    updated_at = fields.DateTime(allow_none=True)
+
+
+class SessionPageMetaSchema(PageMetaSchema):
+    search_time_ms = fields.Float()
+
+
+class SessionPageSchema(Schema):
+    data = fields.List(fields.Nested(SessionOutSchema))
+    meta = fields.Nested(SessionPageMetaSchema)
+
+
+class AgentSessionDetailSchema(Schema):
+    user_id = fields.String(allow_none=True)
+    agent_session_id = fields.String(required=True)
+    session_id = fields.String(required=True)
+    session_name = fields.String(required=True)
+    session_summary = fields.Dict(allow_none=True)
+    session_state = fields.Dict(allow_none=True)
+    agent_id = fields.String(allow_none=True)
+    total_tokens = fields.Integer(allow_none=True)
+    agent_data = fields.Dict(allow_none=True)
+    metrics = fields.Dict(allow_none=True)
+    metadata = fields.Dict(allow_none=True)
+    chat_history = fields.List(fields.Dict(), allow_none=True)
+    created_at = fields.DateTime(allow_none=True)
+    updated_at = fields.DateTime(allow_none=True)
+
+
+class SessionRunSchema(Schema):
+    """Agno's RunSchema: a run as the session endpoints show it."""
+
+    run_id = fields.String(required=True)
+    parent_run_id = fields.String(allow_none=True)
+    agent_id = fields.String(allow_none=True)
+    user_id = fields.String(allow_none=True)
+    status = fields.String(allow_none=True)
+    run_input = fields.String(allow_none=True)
+    content = fields.Raw(allow_none=True)
+    run_response_format = fields.String(allow_none=True)
+    reasoning_content = fields.String(allow_none=True)
+    reasoning_steps = fields.List(fields.Dict(), allow_none=True)
+    metrics = fields.Dict(allow_none=True)
+    messages = fields.List(fields.Dict(), allow_none=True)
+    tools = fields.List(fields.Dict(), allow_none=True)
+    events = fields.List(fields.Dict(), allow_none=True)
+    created_at = fields.DateTime(allow_none=True)
+    references = fields.List(fields.Dict(), allow_none=True)
+    reasoning_messages = fields.List(fields.Dict(), allow_none=True)
+    session_state = fields.Dict(allow_none=True)
+    images = fields.List(fields.Dict(), allow_none=True)
+    videos = fields.List(fields.Dict(), allow_none=True)
+    audio = fields.List(fields.Dict(), allow_none=True)
+    files = fields.List(fields.Dict(), allow_none=True)
+    input_media = fields.Dict(allow_none=True)

@@ -21,7 +21,11 @@ MIMETYPE = "text/event-stream; charset=utf-8"
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 PING = b": ping\n\n"
 TERMINAL_EVENTS = frozenset({"RunPaused", "RunCompleted", "RunError", "RunCancelled"})
-_WAIT_SLICE = 1.0
+# The longest single wait for new events. Every event of a run (a pause, an end, a cancel, the
+# sweep's RunError for a lost worker) wakes the wait at once, so the slice only bounds how
+# often an idle stream re-reads its run: with thousands of idle streams per worker, that
+# re-read is most of their cost. The store caps it further (Redis: below its socket timeout).
+_WAIT_SLICE = 5.0
 
 
 def frame(event: StoredEvent) -> bytes:
@@ -46,7 +50,6 @@ def follow(
     """
     deadline = time.monotonic() + max_seconds
     quiet_since = time.monotonic()
-    wait_slice = min(_WAIT_SLICE, ping_seconds)
     while time.monotonic() < deadline:
         events = store.read_events(run_id, after)
         if not events:
@@ -55,8 +58,8 @@ def follow(
                 if not events:
                     return
             else:
-                remaining = max(0.0, deadline - time.monotonic())
-                events = store.wait_events(run_id, after, min(wait_slice, remaining))
+                events = store.wait_events(run_id, after, _wait(deadline, quiet_since,
+                                                                ping_seconds))
         for event in events:
             yield event
             after = event.seq
@@ -67,6 +70,12 @@ def follow(
         elif time.monotonic() - quiet_since >= ping_seconds:
             quiet_since = time.monotonic()
             yield None
+
+
+def _wait(deadline: float, quiet_since: float, ping_seconds: float) -> float:
+    """Wait for events no longer than the slice, the next ping, or the stream's end."""
+    now = time.monotonic()
+    return max(0.0, min(_WAIT_SLICE, deadline - now, quiet_since + ping_seconds - now))
 
 
 def sse_body(events: Iterator[StoredEvent | None]) -> Iterator[bytes]:

@@ -57,3 +57,15 @@ class ApprovalStillPending(LifecycleError):
 
 class StoreUnavailable(LifecycleError):
     """The store could not be reached or was locked past its timeout (HTTP 503)."""
+
+
+class SessionNotFound(LifecycleError):
+    """No such session in the store (or not one the caller may see)."""
+
+
+class SessionExists(LifecycleError):
+    """A session with this id is already stored; creating it again would overwrite it."""
+
+
+class SessionOwnedElsewhere(LifecycleError):
+    """A run named a session that belongs to another user; joining it would leak the run."""

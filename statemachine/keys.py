@@ -54,6 +54,16 @@ class Keys:
         """Hash: status, doc (JSON), resolution (JSON) of one approval of the run."""
         return f"{self.prefix}:run:{{{run_id}}}:approval:{approval_id}"
 
+    def session(self, session_id: str) -> str:
+        """Hash: session_id, agent_id, user_id, name, first_message, session_state (JSON),
+        metadata (JSON), created_at, updated_at. Its keys carry the tag `{session_id}`."""
+        return f"{self.prefix}:session:{{{session_id}}}"
+
+    def session_runs(self, session_id: str) -> str:
+        """Sorted set: run_id scored by creation time, the runs of one session (a hint: each
+        entry is checked against its run when read)."""
+        return f"{self.prefix}:session:{{{session_id}}}:runs"
+
     def idempotency(self, run_id: str, key: str) -> str:
         """String: the JSON outcome remembered for one Idempotency-Key of the run."""
         return f"{self.prefix}:run:{{{run_id}}}:idem:{key}"
@@ -114,6 +124,21 @@ class Keys:
     def run_approvals(self, run_id: str) -> str:
         """Sorted set: the approvals of one run, in the run's shard (run filter, purge)."""
         return f"{self._shard(shard_of(run_id))}:run-approvals:{part(run_id)}"
+
+    def sessions(self, shard: int, sort_by: str, agent_id: str | None = None,
+                 user_id: str | None = None) -> str:
+        """Sorted set: session_id scored by `sort_by` (created_at or updated_at), for all
+        sessions, one agent's, one user's, or one user's with one agent (listing hints), in
+        the session's shard, `shard_of(session_id)`.
+
+        The ids are length-prefixed, so no pair of ids can spell another pair's key.
+        """
+        scope = "all"
+        if agent_id is not None:
+            scope = f"agent:{len(agent_id)}:{agent_id}"
+        if user_id is not None:
+            scope += f":user:{len(user_id)}:{user_id}"
+        return f"{self._shard(shard)}:sessions:{sort_by}:{scope}"
 
     def approval_runs(self, approval_id: str) -> str:
         """Hash: approval_id -> run_id, to find an approval's slot from its id alone."""

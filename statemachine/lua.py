@@ -4,8 +4,9 @@ COMMIT's KEYS: run hash, events stream, idempotency key, new approvals, approval
 approvals to retain. ARGV 1-14 are scalars (see `RedisRunStore.commit`), then event JSONs, then
 new approval documents.
 
-Return codes shared by the scripts: -1 run missing, -2 stale version, -3 approval missing,
--4 approval not pending (its status follows), -5 run already exists.
+Return codes shared by the scripts: -1 run (or session) missing, -2 stale version (or a
+session that gained runs), -3 approval missing, -4 approval not pending (its status follows),
+-5 run (or session) already exists, -6 session owned by another user.
 """
 
 COMMIT = """
@@ -94,6 +95,78 @@ if redis.call('HGET', KEYS[1], 'lease_owner') == ARGV[1] then
   return 1
 end
 return 0
+"""
+
+# KEYS: session hash, session runs. ARGV: session_id, agent_id, user_id ('' none), message,
+# now, run_id, exclusive ('1' refuses another user's session). Makes the session or joins it;
+# answers {code, agent_id, user_id} of the session.
+LINK_SESSION = """
+local owner = redis.call('HGET', KEYS[1], 'user_id')
+if not owner then
+  redis.call('HSET', KEYS[1], 'session_id', ARGV[1], 'agent_id', ARGV[2], 'user_id', ARGV[3],
+    'first_message', ARGV[4], 'session_state', '{}', 'created_at', ARGV[5],
+    'updated_at', ARGV[5])
+  redis.call('ZADD', KEYS[2], ARGV[5], ARGV[6])
+  return {1, ARGV[2], ARGV[3]}
+end
+if ARGV[7] == '1' and owner ~= ARGV[3] then return {-6} end
+redis.call('HSETNX', KEYS[1], 'first_message', ARGV[4])
+local agent = redis.call('HGET', KEYS[1], 'agent_id')
+if agent == '' then
+  agent = ARGV[2]
+  redis.call('HSET', KEYS[1], 'agent_id', agent)
+end
+if tonumber(ARGV[5]) > tonumber(redis.call('HGET', KEYS[1], 'updated_at')) then
+  redis.call('HSET', KEYS[1], 'updated_at', ARGV[5])
+end
+redis.call('ZADD', KEYS[2], ARGV[5], ARGV[6])
+return {0, agent, owner}
+"""
+
+# KEYS: session hash. ARGV: the field/value pairs of a new session (JSON object).
+CREATE_SESSION = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return -5 end
+local fields = cjson.decode(ARGV[1])
+local flat = {}
+for k, val in pairs(fields) do flat[#flat + 1] = k; flat[#flat + 1] = tostring(val) end
+redis.call('HSET', KEYS[1], unpack(flat))
+return 1
+"""
+
+# KEYS: session hash. ARGV: now, then field/value pairs to set.
+UPDATE_SESSION = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if tonumber(ARGV[1]) > tonumber(redis.call('HGET', KEYS[1], 'updated_at')) then
+  redis.call('HSET', KEYS[1], 'updated_at', ARGV[1])
+end
+return 1
+"""
+
+# KEYS: run hash, events, approvals to expire (ARGV[3] of them), then approvals to retain.
+# ARGV: expected version, now, number to expire, retention seconds. Deletes the run only at
+# the version its deletion was decided on, expiring its pending approvals in the same step.
+DELETE_RUN = """
+local v = redis.call('HGET', KEYS[1], 'version')
+if not v then return -1 end
+if tonumber(v) ~= tonumber(ARGV[1]) then return -2 end
+local nexp = tonumber(ARGV[3])
+for i = 1, nexp do
+  if redis.call('HGET', KEYS[2 + i], 'status') == 'pending' then
+    redis.call('HSET', KEYS[2 + i], 'status', 'expired', 'updated_at', ARGV[2])
+  end
+end
+for i = 3 + nexp, #KEYS do redis.call('EXPIRE', KEYS[i], tonumber(ARGV[4])) end
+redis.call('DEL', KEYS[1], KEYS[2])
+return 1
+"""
+
+# KEYS: session hash, session runs. Deleted only once no run is left in it.
+DELETE_SESSION = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('ZCARD', KEYS[2]) > 0 then return -2 end
+redis.call('DEL', KEYS[1])
+return 1
 """
 
 # Index scripts: every key they touch lives in one index shard (one `{idx-N}` slot).

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from transitions import Machine, MachineError
 
 from statemachine.errors import ApprovalPending, InvalidTransition
-from statemachine.states import RunState, Trigger
+from statemachine.states import FINAL_STATES, RunState, Trigger
 
 _EXECUTING = [RunState.RUNNING, RunState.CONTINUED]
 
@@ -34,6 +34,10 @@ TRANSITIONS: list[dict[str, object]] = [
         "dest": RunState.CONTINUED,
         "unless": "admin_pending",
     },
+    # Deleting a run (with its session): a paused run is cancelled in the same step, a final
+    # run is removed as it is; an executing run has no such transition (409).
+    {"trigger": Trigger.DELETE.value, "source": RunState.PAUSED, "dest": RunState.CANCELLED},
+    {"trigger": Trigger.DELETE.value, "source": sorted(FINAL_STATES), "dest": None},
     # Internal transitions (dest None): the state stays, but the machine still says whether
     # the run may take this write at all.
     {"trigger": Trigger.RESOLVE_APPROVAL.value, "source": RunState.PAUSED, "dest": None},

@@ -58,21 +58,28 @@ _ALL_SHARDS = range(SHARDS)
 
 @dataclass(order=False)
 class _Entry:
-    """One index entry in the merge; the heap pops the newest (score, member) first."""
+    """One index entry in the merge; the heap pops the newest (score, member) first, or the
+    oldest when the merge is ascending."""
 
     score: float
     member: str
     key: str = field(compare=False)
+    descending: bool = field(default=True, compare=False)
 
     def __lt__(self, other: _Entry) -> bool:
-        return (self.score, self.member) > (other.score, other.member)
+        if self.descending:
+            return (self.score, self.member) > (other.score, other.member)
+        return (self.score, self.member) < (other.score, other.member)
 
 
-class _Merge:
-    """Several sorted sets read as one newest-first sequence, a bounded window at a time."""
+class Merge:
+    """Several sorted sets read as one sequence (newest first unless `descending` is False),
+    a bounded window of each at a time."""
 
-    def __init__(self, client: Any, keys: list[str], window: int) -> None:
+    def __init__(self, client: Any, keys: list[str], window: int,
+                 descending: bool = True) -> None:
         self.client = client
+        self.descending = descending
         self.window = max(1, min(window, _MAX_WINDOW))
         self.heap: list[_Entry] = []
         self.start: dict[str, int] = dict.fromkeys(keys, 0)
@@ -84,7 +91,8 @@ class _Merge:
         pipe = self.client.pipeline(transaction=False)
         for key in keys:
             start = self.start[key]
-            pipe.zrevrange(key, start, start + self.window - 1, withscores=True)
+            read = pipe.zrevrange if self.descending else pipe.zrange
+            read(key, start, start + self.window - 1, withscores=True)
         for key, rows in zip(keys, pipe.execute(), strict=True):
             self.start[key] += len(rows)
             if len(rows) < self.window:
@@ -97,7 +105,7 @@ class _Merge:
         buffer = self.buffers[key]
         if buffer:
             member, score = buffer.popleft()
-            heapq.heappush(self.heap, _Entry(float(score), member, key))
+            heapq.heappush(self.heap, _Entry(float(score), member, key, self.descending))
         elif key not in self.done:
             self._fill([key])
 
@@ -328,7 +336,7 @@ class RedisIndex:
         """A page of the agent's runs, newest first, from the most selective index."""
         sources = self._run_sources(query)
         window = query.offset + query.limit
-        merge = _Merge(self.redis, list(sources), window)
+        merge = Merge(self.redis, list(sources), window)
         return self._page(merge, query.offset, query.limit,
                           lambda batch: self._verify_runs(batch, sources, query))
 
@@ -362,7 +370,7 @@ class RedisIndex:
         return groups[sizes.index(min(sizes))]
 
     @staticmethod
-    def _page(merge: _Merge, offset: int, limit: int,
+    def _page(merge: Merge, offset: int, limit: int,
               verify: Callable[[list[_Entry]], list[Any]]) -> list[Any]:
         page: list[Any] = []
         skipped = 0
@@ -413,7 +421,7 @@ class RedisIndex:
         total = self._approval_total(query, groups)
         sources = self._smallest(groups) if groups else {
             self.keys.approvals(s): None for s in _ALL_SHARDS}
-        merge = _Merge(self.redis, list(sources), query.offset + query.limit)
+        merge = Merge(self.redis, list(sources), query.offset + query.limit)
         stale: list[int] = []
         page = self._page(merge, query.offset, query.limit,
                           lambda batch: self._verify_approvals(batch, sources, query, stale))
@@ -557,6 +565,31 @@ class RedisIndex:
             purged += 1
         pipe.execute()
         return purged
+
+    def deleted(self, run_id: str, expired: list[str], now: float) -> None:
+        """A run deleted (with its session): it leaves every run listing now; its approvals
+        stay readable, `expired` ones under that status, until retention purges the run's
+        remaining entries as for any finished run (scored `now` in `finished`)."""
+        k, s = self.keys, shard_of(run_id)
+        hint = _Hint(k, run_id, 0)
+        hint.add(k.finished(s), run_id, now)
+        for approval_id in expired:
+            self._hint_status(hint, approval_member(approval_id, run_id), "expired")
+        hint.run(self.redis)
+        who = self.identity(run_id)
+        keys = [k.executing(s), k.paused(s)]
+        agent = who.get("agent_id")
+        if isinstance(agent, str):
+            keys += self._identity_keys(s, agent, who.get("session_id") or "",
+                                        who.get("user_id"))
+            keys += [k.agent_state_runs(s, agent, state.value) for state in RunState]
+        pipe = self.redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.zrem(key, run_id)
+        pending = k.approvals_by(s, "status", "pending")
+        for approval_id in expired:
+            pipe.zrem(pending, approval_member(approval_id, run_id))
+        pipe.execute()
 
     def _forget_run(self, pipe: Any, run_id: str, who: dict[str, Any],
                     approvals: list[str]) -> None:

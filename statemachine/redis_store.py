@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -22,29 +23,38 @@ from redis.connection import Encoder
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from statemachine import lua
+from statemachine import deadline, lua
 from statemachine.errors import (
     ApprovalNotFound,
     ApprovalStillPending,
     RunNotFound,
+    SessionExists,
+    SessionNotFound,
+    SessionOwnedElsewhere,
     StaleRun,
     StoreUnavailable,
 )
-from statemachine.keys import Keys, approval_member
-from statemachine.redis_index import RedisIndex, pipe_eval
+from statemachine.keys import SHARDS, Keys, approval_member, shard_of
+from statemachine.redis_index import Merge, RedisIndex, pipe_eval
 from statemachine.states import RunState
 from statemachine.store import (
+    SESSION_SORTS,
     Approval,
     ApprovalQuery,
     Commit,
     CommitResult,
     RunQuery,
+    RunRemoval,
+    SessionLink,
+    SessionQuery,
     StoredEvent,
     StoredRun,
+    StoredSession,
     dumps,
     lease_lapsed,
     paused_before,
     resolve_outcome,
+    session_matches,
 )
 
 T = TypeVar("T")
@@ -59,6 +69,12 @@ _UNAVAILABLE = (
     redis.exceptions.SlotNotCoveredError,
     redis.exceptions.MasterDownError,
 )
+_SCAN_BATCH = 200
+# A session's run hint whose run does not exist yet may belong to a create in flight; it is
+# dropped only once it is older than this (a create takes milliseconds, or fails at once).
+RUN_HINT_GRACE_SECONDS = 300.0
+# A name filter cannot use an index: it reads at most this many index entries per listing.
+NAME_SCAN_LIMIT = 10_000
 
 
 def _guarded(method: Callable[..., T]) -> Callable[..., T]:
@@ -66,6 +82,7 @@ def _guarded(method: Callable[..., T]) -> Callable[..., T]:
 
     @functools.wraps(method)
     def wrapper(*args: Any, **kwargs: Any) -> T:
+        deadline.check("redis")
         try:
             return method(*args, **kwargs)
         except _UNAVAILABLE as exc:
@@ -76,6 +93,27 @@ def _guarded(method: Callable[..., T]) -> Callable[..., T]:
             raise
 
     return wrapper
+
+
+class _DeadlineBound:
+    """Connection mixin: no command starts once the request's store budget is spent, and no
+    reply is awaited longer than what is left of it (a frozen server costs one budget per
+    request, not one socket timeout per call)."""
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        deadline.check("redis")
+        super().send_packed_command(command, check_health)  # type: ignore[misc]
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        if deadline.remaining() is not None and "timeout" not in kwargs:
+            kwargs["timeout"] = deadline.cap(self.socket_timeout)  # type: ignore[attr-defined]
+        return super().read_response(*args, **kwargs)  # type: ignore[misc]
+
+
+def _bind_to_deadline(pool: redis.ConnectionPool) -> None:
+    """Give the pool's connection class (TCP, TLS or unix, as the URL chose) the mixin."""
+    base = pool.connection_class
+    pool.connection_class = type(f"Deadline{base.__name__}", (_DeadlineBound, base), {})
 
 
 def _opt_float(value: str | None) -> float | None:
@@ -175,9 +213,26 @@ def connect(url: str, *, cluster: bool, socket_timeout: float, max_connections: 
         "max_connections": max_connections,
     }
     if cluster:
-        return _LazyCluster(lambda: RedisCluster.from_url(url, **options))
+        return _LazyCluster(lambda: _bound_cluster(RedisCluster.from_url(url, **options)))
     pool = redis.BlockingConnectionPool.from_url(url, timeout=socket_timeout, **options)
+    _bind_to_deadline(pool)
     return redis.Redis(connection_pool=pool)
+
+
+def _bound_cluster(client: RedisCluster) -> RedisCluster:
+    """Bind every node's pool to the request deadline, now and for nodes found later (a
+    failover, a resharding): the cluster client makes node pools from these kwargs."""
+    kwargs = client.nodes_manager.connection_kwargs
+    base = kwargs.get("connection_class") or redis.Connection
+    if not issubclass(base, _DeadlineBound):
+        kwargs["connection_class"] = type(f"Deadline{base.__name__}", (_DeadlineBound, base), {})
+    for node in client.get_nodes():
+        if node.redis_connection is not None:
+            pool = node.redis_connection.connection_pool
+            pool.disconnect()
+            pool.connection_class = kwargs["connection_class"]
+            pool.connection_kwargs.pop("connection_class", None)
+    return client
 
 
 class RedisRunStore:
@@ -207,6 +262,11 @@ class RedisRunStore:
         self._resolve = self.redis.register_script(lua.RESOLVE)
         self._delete_approval = self.redis.register_script(lua.DELETE_APPROVAL)
         self._renew = self.redis.register_script(lua.RENEW_LEASE)
+        self._link_session = self.redis.register_script(lua.LINK_SESSION)
+        self._create_session = self.redis.register_script(lua.CREATE_SESSION)
+        self._update_session = self.redis.register_script(lua.UPDATE_SESSION)
+        self._delete_run = self.redis.register_script(lua.DELETE_RUN)
+        self._delete_session = self.redis.register_script(lua.DELETE_SESSION)
 
     # -- runs ---------------------------------------------------------------------------
 
@@ -215,8 +275,17 @@ class RedisRunStore:
         self.redis.ping()
 
     @_guarded
-    def create_run(self, run: StoredRun, events: list[dict[str, Any]]) -> CommitResult:
-        """Store a new run at version 1 with its first events; the id must be new."""
+    def create_run(self, run: StoredRun, events: list[dict[str, Any]],
+                   session: SessionLink | None = None) -> CommitResult:
+        """Store a new run at version 1 with its first events; the id must be new.
+
+        The session is linked first, as a hint: its keys live in another Cluster slot than
+        the run's, so one script cannot write both. A session whose run then failed to be
+        stored keeps a run hint that reads drop (after RUN_HINT_GRACE_SECONDS) and may keep
+        that run's message as its name; a run is never stored without its session.
+        """
+        if session is not None:
+            self._link(session, run.run_id)
         self.index.hint_create(run)
         fields = {
             "run_id": run.run_id,
@@ -428,11 +497,218 @@ class RedisRunStore:
         before or after this runs)."""
         return self.index.purge(before)
 
+    # -- sessions -------------------------------------------------------------------------
+
+    def _link(self, link: SessionLink, run_id: str) -> None:
+        """Index hints first, then the session itself (made, or joined by the run)."""
+        self._hint_session(link.session_id, link.agent_id, link.user_id, link.now, link.now)
+        keys = [self.keys.session(link.session_id), self.keys.session_runs(link.session_id)]
+        out = self._link_session(keys=keys, args=[
+            link.session_id, link.agent_id, link.user_id or "", link.message,
+            repr(link.now), run_id, "1" if link.exclusive else ""])
+        if out[0] == -6:
+            raise SessionOwnedElsewhere(link.session_id)
+        agent_id, user_id = out[1] or None, out[2] or None
+        if (agent_id, user_id) != (link.agent_id, link.user_id):
+            self._hint_session(link.session_id, agent_id, user_id, None, link.now)
+
+    def _index_keys(self, session_id: str, sort_by: str, agent_id: str | None,
+                    user_id: str | None) -> list[str]:
+        """Every listing index a session with this agent and user belongs to (all in the
+        session's index shard)."""
+        scopes = [(None, None), (agent_id, None)] if agent_id else [(None, None)]
+        if user_id is not None:
+            scopes += [(a, user_id) for a, _ in scopes]
+        shard = shard_of(session_id)
+        return [self.keys.sessions(shard, sort_by, a, u) for a, u in scopes]
+
+    def _hint_session(self, session_id: str, agent_id: str | None, user_id: str | None,
+                      created_at: float | None, updated_at: float) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        if created_at is not None:
+            for key in self._index_keys(session_id, "created_at", agent_id, user_id):
+                pipe.zadd(key, {session_id: created_at}, nx=True)
+        for key in self._index_keys(session_id, "updated_at", agent_id, user_id):
+            pipe.zadd(key, {session_id: updated_at}, gt=True)
+        pipe.execute()
+
+    @_guarded
+    def create_session(self, session: StoredSession) -> None:
+        self._hint_session(session.session_id, session.agent_id, session.user_id,
+                           session.created_at, session.updated_at)
+        fields = {
+            "session_id": session.session_id, "agent_id": session.agent_id or "",
+            "user_id": session.user_id or "", "session_state": dumps(session.session_state),
+            "created_at": repr(session.created_at), "updated_at": repr(session.updated_at),
+        }
+        if session.name is not None:
+            fields["name"] = session.name
+        if session.metadata is not None:
+            fields["metadata"] = dumps(session.metadata)
+        if self._create_session(keys=[self.keys.session(session.session_id)],
+                                args=[dumps(fields)]) == -5:
+            raise SessionExists(session.session_id)
+
+    @_guarded
+    def get_session(self, session_id: str) -> StoredSession:
+        fields = self.redis.hgetall(self.keys.session(session_id))
+        if not fields:
+            raise SessionNotFound(session_id)
+        return _session_from_hash(fields)
+
+    @_guarded
+    def update_session(self, session_id: str, changes: dict[str, Any],
+                       now: float) -> StoredSession:
+        """Set the given fields (`name`, `session_state`, `metadata`) and `updated_at`."""
+        current = self.get_session(session_id)
+        self._hint_session(session_id, current.agent_id, current.user_id, None, now)
+        pairs: list[Any] = []
+        for name, value in changes.items():
+            pairs += [name, value if name == "name" else dumps(value)]
+        if self._update_session(keys=[self.keys.session(session_id)],
+                                args=[repr(now), *pairs]) == -1:
+            raise SessionNotFound(session_id)
+        return self.get_session(session_id)
+
+    @_guarded
+    def list_sessions(self, query: SessionQuery) -> tuple[list[StoredSession], int]:
+        """A page merged from the index shards that hold exactly the filtered sessions.
+
+        Without a name filter the page costs the page (at most `offset + limit` entries of
+        each shard, plus any stale hints met on the way, which are dropped) and the total is
+        the indexes' size; a name filter reads them in order, at most NAME_SCAN_LIMIT
+        entries, and counts the matches it saw.
+        """
+        if query.sort_by not in SESSION_SORTS:
+            raise ValueError(f"cannot sort sessions by {query.sort_by!r}")
+        indexes = [self.keys.sessions(shard, query.sort_by, query.agent_id, query.user_id)
+                   for shard in range(SHARDS)]
+        if query.name_contains is None:
+            merge = Merge(self.redis, indexes, query.offset + query.limit, query.descending)
+            merge.take(query.offset)
+            page = self._scan_sessions(merge, query, query.limit, query.limit + _SCAN_BATCH)
+            pipe = self.redis.pipeline(transaction=False)
+            for index in indexes:
+                pipe.zcard(index)
+            return page, sum(pipe.execute())
+        merge = Merge(self.redis, indexes, _SCAN_BATCH, query.descending)
+        matches = self._scan_sessions(merge, query, NAME_SCAN_LIMIT, NAME_SCAN_LIMIT)
+        return matches[query.offset:query.offset + query.limit], len(matches)
+
+    def _scan_sessions(self, merge: Merge, query: SessionQuery, wanted: int,
+                       budget: int) -> list[StoredSession]:
+        """Up to `wanted` sessions that still match, in index order, reading at most
+        `budget` index entries."""
+        found: list[StoredSession] = []
+        read = 0
+        while len(found) < wanted and read < budget:
+            count = min(_SCAN_BATCH, budget - read, max(wanted - len(found), 1))
+            entries = merge.take(count)
+            if not entries:
+                break
+            read += len(entries)
+            found += [s for s in self._sessions_of(entries, query) if session_matches(s, query)]
+        return found[:wanted]
+
+    def _sessions_of(self, entries: list[Any], query: SessionQuery) -> list[StoredSession]:
+        """The sessions behind index entries; entries of gone sessions, or of sessions of
+        another agent or user than the index's, are dropped from it."""
+        pipe = self.redis.pipeline(transaction=False)
+        for entry in entries:
+            pipe.hgetall(self.keys.session(entry.member))
+        found, stale = [], self.redis.pipeline(transaction=False)
+        owner = SessionQuery(agent_id=query.agent_id, user_id=query.user_id)
+        for entry, fields in zip(entries, pipe.execute(), strict=True):
+            session = _session_from_hash(fields) if fields else None
+            if session is not None and session_matches(session, owner):
+                found.append(session)
+            else:
+                stale.zrem(entry.key, entry.member)
+        stale.execute()
+        return found
+
+    @_guarded
+    def session_runs(self, session_id: str, limit: int = 1000) -> list[StoredRun]:
+        """The newest `limit` runs of the session, oldest first; old dead hints are dropped."""
+        index = self.keys.session_runs(session_id)
+        entries = self.redis.zrevrange(index, 0, limit - 1, withscores=True)
+        pipe = self.redis.pipeline(transaction=False)
+        for run_id, _ in entries:
+            pipe.hgetall(self.keys.run(run_id))
+        runs, dead = [], []
+        horizon = time.time() - RUN_HINT_GRACE_SECONDS
+        for (run_id, score), fields in zip(entries, pipe.execute(), strict=True):
+            if fields and fields.get("session_id") == session_id:
+                runs.append(_run_from_hash(fields))
+            elif score < horizon or fields:
+                dead.append(run_id)
+        if dead:
+            self.redis.zrem(index, *dead)
+        return runs[::-1]
+
+    @_guarded
+    def delete_session(self, session_id: str, runs: list[RunRemoval], now: float,
+                       retain_seconds: int) -> None:
+        """Delete each planned run at its planned version, then the session once it is empty.
+
+        Each run's deletion is one script (its keys share one slot); the session's runs live
+        in other slots, so a run that moved since the plan stops the deletion (StaleRun)
+        with the runs before it already gone, and a run that joined since keeps the session.
+        """
+        session = self.get_session(session_id)
+        for removal in runs:
+            self._remove_run(session_id, removal, now, retain_seconds)
+        out = self._delete_session(keys=[self.keys.session(session_id),
+                                         self.keys.session_runs(session_id)])
+        if out == -2:
+            raise StaleRun(session_id)
+        if out == -1:
+            raise SessionNotFound(session_id)
+        self._forget_session(session)
+
+    def _remove_run(self, session_id: str, removal: RunRemoval, now: float,
+                    retain_seconds: int) -> None:
+        rid = removal.run_id
+        keys = [self.keys.run(rid), self.keys.events(rid)]
+        keys += [self.keys.approval(rid, a) for a in removal.expire_approvals]
+        keys += [self.keys.approval(rid, a) for a in removal.approval_ids]
+        out = self._delete_run(keys=keys, args=[
+            removal.expected_version, repr(now), len(removal.expire_approvals),
+            max(1, int(retain_seconds))])
+        if out == -2:
+            raise StaleRun(rid)
+        self.redis.zrem(self.keys.session_runs(session_id), rid)
+        self.index.deleted(rid, removal.expire_approvals, now)
+
+    def _forget_session(self, session: StoredSession) -> None:
+        """Drop the deleted session's listing hints (reads would drop them anyway)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for sort_by in SESSION_SORTS:
+            for index in self._index_keys(session.session_id, sort_by, session.agent_id,
+                                          session.user_id):
+                pipe.zrem(index, session.session_id)
+        pipe.execute()
+
     def close(self) -> None:
         if self.cluster:
             self.redis.close()
         else:
             self.redis.connection_pool.disconnect()
+
+
+def _session_from_hash(fields: dict[str, str]) -> StoredSession:
+    metadata = fields.get("metadata")
+    return StoredSession(
+        session_id=fields["session_id"],
+        agent_id=fields.get("agent_id") or None,
+        user_id=fields.get("user_id") or None,
+        name=fields.get("name"),
+        first_message=fields.get("first_message"),
+        session_state=json.loads(fields.get("session_state") or "{}"),
+        metadata=json.loads(metadata) if metadata else None,
+        created_at=float(fields["created_at"]),
+        updated_at=float(fields["updated_at"]),
+    )
 
 
 def _event(entry_id: str, fields: dict[str, str]) -> StoredEvent:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -16,10 +17,15 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+from statemachine import deadline
+from statemachine.blocking import Offload
 from statemachine.errors import (
     ApprovalNotFound,
     ApprovalStillPending,
     RunNotFound,
+    SessionExists,
+    SessionNotFound,
+    SessionOwnedElsewhere,
     StaleRun,
     StoreUnavailable,
 )
@@ -32,8 +38,12 @@ from statemachine.store import (
     Commit,
     CommitResult,
     RunQuery,
+    RunRemoval,
+    SessionLink,
+    SessionQuery,
     StoredEvent,
     StoredRun,
+    StoredSession,
     dumps,
     lease_lapsed,
     paused_before,
@@ -63,7 +73,7 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 CREATE INDEX IF NOT EXISTS runs_by_agent ON runs (agent_id, created_at DESC);
 CREATE INDEX IF NOT EXISTS runs_by_user ON runs (agent_id, user_id, created_at DESC);
-CREATE INDEX IF NOT EXISTS runs_by_session ON runs (agent_id, session_id, created_at DESC);
+CREATE INDEX IF NOT EXISTS runs_by_agent_session ON runs (agent_id, session_id, created_at DESC);
 CREATE INDEX IF NOT EXISTS runs_by_state ON runs (agent_id, state, created_at DESC);
 CREATE INDEX IF NOT EXISTS runs_by_lease ON runs (lease_until) WHERE lease_until IS NOT NULL;
 CREATE INDEX IF NOT EXISTS runs_by_pause ON runs (paused_at) WHERE paused_at IS NOT NULL;
@@ -94,6 +104,37 @@ CREATE INDEX IF NOT EXISTS approvals_by_run ON approvals (run_id);
     for column in ("status", "agent_id", "user_id", "session_id")
 ) + """
 CREATE INDEX IF NOT EXISTS approvals_pending_by_user ON approvals (status, user_id);
+CREATE INDEX IF NOT EXISTS runs_by_session ON runs (session_id, created_at);
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id TEXT PRIMARY KEY,
+    agent_id TEXT,
+    user_id TEXT,
+    name TEXT,
+    first_message TEXT,
+    session_state TEXT NOT NULL,
+    metadata TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_by_created ON sessions (created_at, session_id);
+CREATE INDEX IF NOT EXISTS sessions_by_updated ON sessions (updated_at, session_id);
+CREATE INDEX IF NOT EXISTS sessions_by_user_created
+    ON sessions (user_id, created_at, session_id);
+CREATE INDEX IF NOT EXISTS sessions_by_user_updated
+    ON sessions (user_id, updated_at, session_id);
+CREATE INDEX IF NOT EXISTS sessions_by_agent_created
+    ON sessions (agent_id, user_id, created_at, session_id);
+CREATE INDEX IF NOT EXISTS sessions_by_agent_updated
+    ON sessions (agent_id, user_id, updated_at, session_id);
+CREATE INDEX IF NOT EXISTS sessions_by_agent_only_created
+    ON sessions (agent_id, created_at, session_id);
+CREATE INDEX IF NOT EXISTS sessions_by_agent_only_updated
+    ON sessions (agent_id, updated_at, session_id);
+CREATE TABLE IF NOT EXISTS deleted_runs (
+    run_id TEXT PRIMARY KEY,
+    deleted_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS deleted_runs_by_time ON deleted_runs (deleted_at);
 CREATE TABLE IF NOT EXISTS idempotency (
     scope TEXT NOT NULL,
     key TEXT NOT NULL,
@@ -113,13 +154,22 @@ _RUN_COLUMNS = (
 )
 
 
+# sqlite3 blocks in C (a lock wait sleeps in the library): under gevent every call runs in one
+# of these OS threads, so a lock held by another process never freezes the worker's requests.
+_THREADS = Offload(int(os.environ.get("SQLITE_THREADS", "8") or 8), "sqlite")
+
+
 def _guarded(method: Callable[..., T]) -> Callable[..., T]:
-    """Turn a locked or unreadable database into StoreUnavailable (HTTP 503)."""
+    """Turn a locked or unreadable database into StoreUnavailable (HTTP 503).
+
+    A call made once the request's store deadline has passed is refused before it starts.
+    """
 
     @functools.wraps(method)
     def wrapper(*args: Any, **kwargs: Any) -> T:
+        deadline.check("sqlite")
         try:
-            return method(*args, **kwargs)
+            return _THREADS.run(method, *args, **kwargs)
         except sqlite3.OperationalError as exc:
             raise StoreUnavailable(f"sqlite: {exc}") from exc
 
@@ -196,6 +246,7 @@ class SqliteRunStore:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+            db.create_function("casefold_contains", 2, _casefold_contains, deterministic=True)
             self._local.db = db
             with self._all_lock:
                 self._all.append(db)
@@ -205,13 +256,26 @@ class SqliteRunStore:
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One BEGIN IMMEDIATE transaction: committed whole, or rolled back whole."""
         db = self._connection()
-        db.execute("BEGIN IMMEDIATE")
+        capped = self._cap_lock_wait(db)
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        finally:
+            if capped:
+                db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
         try:
             yield db
         except BaseException:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
+
+    def _cap_lock_wait(self, db: sqlite3.Connection) -> bool:
+        """Wait for the write lock no longer than the request's store budget has left."""
+        wait = deadline.cap(self.busy_timeout)
+        if wait is None or wait >= self.busy_timeout:
+            return False
+        db.execute(f"PRAGMA busy_timeout={max(1, int(wait * 1000))}")
+        return True
 
     def _read(self) -> sqlite3.Connection:
         return self._connection()
@@ -223,8 +287,12 @@ class SqliteRunStore:
         self._read().execute("SELECT 1").fetchone()
 
     @_guarded
-    def create_run(self, run: StoredRun, events: list[dict[str, Any]]) -> CommitResult:
+    def create_run(self, run: StoredRun, events: list[dict[str, Any]],
+                   session: SessionLink | None = None) -> CommitResult:
+        """Store a new run; its session is made or touched in the same transaction."""
         with self._write() as db:
+            if session is not None:
+                _link_session(db, session)
             try:
                 db.execute(
                     f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES "
@@ -325,12 +393,12 @@ class SqliteRunStore:
 
     def wait_events(self, run_id: str, after: int, timeout: float) -> list[StoredEvent]:
         """Poll for events after `after` for up to `timeout` seconds."""
-        deadline = time.monotonic() + timeout
+        until = time.monotonic() + timeout
         while True:
             events = self.read_events(run_id, after)
-            if events or time.monotonic() >= deadline:
+            if events or time.monotonic() >= until:
                 return events
-            time.sleep(min(_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+            time.sleep(min(_POLL_SECONDS, max(0.0, until - time.monotonic())))
 
     @_guarded
     def list_runs(self, query: RunQuery) -> list[StoredRun]:
@@ -482,7 +550,97 @@ class SqliteRunStore:
             for table in ("events", "approvals", "runs"):
                 db.executemany(f"DELETE FROM {table} WHERE run_id = ?", [(i,) for i in ids])
             db.execute("DELETE FROM idempotency WHERE expires_at < ?", (time.time(),))
+            self._purge_deleted_runs(db, before)
         return len(ids)
+
+    # -- sessions -------------------------------------------------------------------------
+
+    @_guarded
+    def create_session(self, session: StoredSession) -> None:
+        with self._write() as db:
+            try:
+                db.execute(
+                    f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    _session_row(session),
+                )
+            except sqlite3.IntegrityError:
+                raise SessionExists(session.session_id) from None
+
+    @_guarded
+    def get_session(self, session_id: str) -> StoredSession:
+        row = self._read().execute(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE session_id = ?", (session_id,)
+        ).fetchone()
+        if row is None:
+            raise SessionNotFound(session_id)
+        return _session_from_row(row)
+
+    @_guarded
+    def update_session(self, session_id: str, changes: dict[str, Any],
+                       now: float) -> StoredSession:
+        """Set the given fields (`name`, `session_state`, `metadata`) and `updated_at`."""
+        sets = [f"{column} = ?" for column in changes]
+        values = [v if column == "name" else dumps(v) for column, v in changes.items()]
+        with self._write() as db:
+            updated = db.execute(
+                f"UPDATE sessions SET {', '.join([*sets, 'updated_at = MAX(updated_at, ?)'])} "
+                "WHERE session_id = ?", (*values, now, session_id),
+            ).rowcount
+        if not updated:
+            raise SessionNotFound(session_id)
+        return self.get_session(session_id)
+
+    @_guarded
+    def list_sessions(self, query: SessionQuery) -> tuple[list[StoredSession], int]:
+        """One page in index order, and the number of sessions that match."""
+        where, params = _session_filters(query)
+        direction = "DESC" if query.descending else "ASC"
+        order = f"{_sort_column(query.sort_by)} {direction}, session_id {direction}"
+        db = self._read()
+        rows = db.execute(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions {where} ORDER BY {order} "
+            "LIMIT ? OFFSET ?", (*params, query.limit, query.offset),
+        ).fetchall()
+        total = db.execute(f"SELECT COUNT(*) FROM sessions {where}", params).fetchone()[0]
+        return [_session_from_row(row) for row in rows], total
+
+    @_guarded
+    def session_runs(self, session_id: str, limit: int = 1000) -> list[StoredRun]:
+        """The newest `limit` runs of the session, oldest first."""
+        rows = self._read().execute(
+            f"SELECT {_RUN_COLUMNS} FROM runs WHERE session_id = ? "
+            "ORDER BY created_at DESC, run_id DESC LIMIT ?", (session_id, limit),
+        ).fetchall()
+        return [_run_from_row(row) for row in reversed(rows)]
+
+    @_guarded
+    def delete_session(self, session_id: str, runs: list[RunRemoval], now: float,
+                       retain_seconds: int) -> None:
+        """Delete the session and exactly the runs planned, at their planned versions.
+
+        One transaction: if a run moved or joined since the plan was made, nothing is
+        deleted (StaleRun). Pending approvals of the runs are expired; every approval of a
+        deleted run is kept until the retention purge, so the queue shows how it ended.
+        """
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM sessions WHERE session_id = ?",
+                          (session_id,)).fetchone() is None:
+                raise SessionNotFound(session_id)
+            current = dict(db.execute("SELECT run_id, version FROM runs WHERE session_id = ?",
+                                      (session_id,)).fetchall())
+            if current != {r.run_id: r.expected_version for r in runs}:
+                raise StaleRun(session_id)
+            for removal in runs:
+                _remove_run(db, removal, now)
+            db.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,))
+
+    def _purge_deleted_runs(self, db: sqlite3.Connection, before: float) -> None:
+        """Approvals of runs deleted with their session go once the retention has passed."""
+        ids = [(r[0],) for r in db.execute(
+            "SELECT run_id FROM deleted_runs WHERE deleted_at < ? LIMIT 1000", (before,)
+        ).fetchall()]
+        db.executemany("DELETE FROM approvals WHERE run_id = ?", ids)
+        db.executemany("DELETE FROM deleted_runs WHERE run_id = ?", ids)
 
     def close(self) -> None:
         with self._all_lock:
@@ -502,3 +660,89 @@ def _approval_where(query: ApprovalQuery) -> tuple[str, list[str]]:
     if not given:
         return "", []
     return " WHERE " + " AND ".join(f"{c} = ?" for c, _ in given), [v for _, v in given]
+
+
+# -- sessions -------------------------------------------------------------------------------
+
+_SESSION_COLUMNS = (
+    "session_id, agent_id, user_id, name, first_message, session_state, metadata, "
+    "created_at, updated_at"
+)
+_SORT_COLUMNS = {"created_at": "created_at", "updated_at": "updated_at"}
+
+
+def _casefold_contains(haystack: str | None, needle: str) -> bool:
+    """The name filter, the same in SQL as in Python (`session_matches`)."""
+    return needle.casefold() in (haystack or "").casefold()
+
+
+def _sort_column(sort_by: str) -> str:
+    try:
+        return _SORT_COLUMNS[sort_by]
+    except KeyError:
+        raise ValueError(f"cannot sort sessions by {sort_by!r}") from None
+
+
+def _session_row(session: StoredSession) -> tuple:
+    return (session.session_id, session.agent_id, session.user_id, session.name,
+            session.first_message, dumps(session.session_state),
+            None if session.metadata is None else dumps(session.metadata),
+            session.created_at, session.updated_at)
+
+
+def _session_from_row(row: sqlite3.Row) -> StoredSession:
+    return StoredSession(
+        session_id=row["session_id"], agent_id=row["agent_id"], user_id=row["user_id"],
+        name=row["name"], first_message=row["first_message"],
+        session_state=json.loads(row["session_state"]),
+        metadata=json.loads(row["metadata"]) if row["metadata"] is not None else None,
+        created_at=row["created_at"], updated_at=row["updated_at"],
+    )
+
+
+def _session_filters(query: SessionQuery) -> tuple[str, list[Any]]:
+    where, params = [], []
+    for column, value in (("agent_id", query.agent_id), ("user_id", query.user_id)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            params.append(value)
+    if query.name_contains is not None:
+        where.append("casefold_contains(COALESCE(name, first_message), ?)")
+        params.append(query.name_contains)
+    return ("WHERE " + " AND ".join(where)) if where else "", params
+
+
+def _link_session(db: sqlite3.Connection, link: SessionLink) -> None:
+    """Make the run's session, or add the run to it unless another user owns it."""
+    row = db.execute("SELECT user_id FROM sessions WHERE session_id = ?",
+                     (link.session_id,)).fetchone()
+    if row is None:
+        db.execute(
+            f"INSERT INTO sessions ({_SESSION_COLUMNS}) "
+            "VALUES (?, ?, ?, NULL, ?, '{}', NULL, ?, ?)",
+            (link.session_id, link.agent_id, link.user_id, link.message, link.now, link.now),
+        )
+        return
+    owner = row["user_id"]
+    if link.exclusive and owner != link.user_id:
+        raise SessionOwnedElsewhere(link.session_id)
+    db.execute(
+        "UPDATE sessions SET updated_at = MAX(updated_at, ?), "
+        "first_message = COALESCE(first_message, ?), agent_id = COALESCE(agent_id, ?) "
+        "WHERE session_id = ?", (link.now, link.message, link.agent_id, link.session_id),
+    )
+
+
+def _remove_run(db: sqlite3.Connection, removal: RunRemoval, now: float) -> None:
+    """Expire the run's pending approvals, then delete the run and everything under it."""
+    db.executemany(
+        "UPDATE approvals SET status = ?, updated_at = ? "
+        "WHERE approval_id = ? AND run_id = ? AND status = ?",
+        [(APPROVAL_EXPIRED, now, a, removal.run_id, APPROVAL_PENDING)
+         for a in removal.expire_approvals],
+    )
+    if removal.approval_ids:
+        db.execute("INSERT OR REPLACE INTO deleted_runs (run_id, deleted_at) VALUES (?, ?)",
+                   (removal.run_id, now))
+    for table, column in (("events", "run_id"), ("idempotency", "scope"), ("runs", "run_id")):
+        db.execute(f"DELETE FROM {table} WHERE {column} = ?", (removal.run_id,))

@@ -43,6 +43,7 @@ class Trigger(StrEnum):
     CONTINUE = "continue"
     RESOLVE_APPROVAL = "resolve_approval"
     CHECKPOINT = "checkpoint"
+    DELETE = "delete"
 
 
 _WIRE_STATUS = {

@@ -140,12 +140,87 @@ class ApprovalQuery:
     offset: int = 0
 
 
+SESSION_SORTS = ("created_at", "updated_at")
+
+
+@dataclass
+class StoredSession:
+    """A session: the runs sharing its id, with the fields clients set on it.
+
+    `name` is the name a client gave (create, rename, patch); until then the session is named
+    by `first_message`, the message of the first run that joined it.
+    """
+
+    session_id: str
+    agent_id: str | None
+    user_id: str | None
+    created_at: float
+    updated_at: float
+    name: str | None = None
+    first_message: str | None = None
+    session_state: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] | None = None
+
+    @property
+    def display_name(self) -> str:
+        return self.name if self.name is not None else (self.first_message or "")
+
+
+@dataclass(frozen=True)
+class SessionLink:
+    """What a new run tells the store about its session, written with (or before) the run.
+
+    The session is made if it is new (owned by `user_id`, of `agent_id`, named by `message`
+    until renamed); an existing one gets the run and a new `updated_at`. With `exclusive`
+    (the user is authenticated, JWT mode) a session that belongs to another user is refused
+    (`SessionOwnedElsewhere`, and the run is not stored); without it user ids are only
+    labels the client chose, and runs of several of them may share a session.
+    """
+
+    session_id: str
+    agent_id: str
+    user_id: str | None
+    message: str
+    now: float
+    exclusive: bool = False
+
+
+@dataclass
+class SessionQuery:
+    """Filters, order and paging for listing sessions."""
+
+    agent_id: str | None = None
+    user_id: str | None = None
+    name_contains: str | None = None
+    sort_by: str = "created_at"
+    descending: bool = True
+    limit: int = 20
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class RunRemoval:
+    """One run of a session being deleted, as the machine decided it at `expected_version`.
+
+    `expire_approvals` are its pending approvals (a paused run is cancelled by the deletion);
+    `approval_ids` all of its approvals, which outlive the run for `retain_seconds` so the
+    approvals queue still shows how they ended.
+    """
+
+    run_id: str
+    agent_id: str
+    expected_version: int
+    expire_approvals: list[str] = field(default_factory=list)
+    approval_ids: list[str] = field(default_factory=list)
+
+
 class RunStore(Protocol):
     """What the runtime needs from a store; both implementations pass the same contract tests."""
 
     def ping(self) -> None: ...
 
-    def create_run(self, run: StoredRun, events: list[dict[str, Any]]) -> CommitResult: ...
+    def create_run(self, run: StoredRun, events: list[dict[str, Any]],
+                   session: SessionLink | None = None) -> CommitResult: ...
 
     def get_run(self, run_id: str) -> StoredRun: ...
 
@@ -179,6 +254,20 @@ class RunStore(Protocol):
 
     def purge_finished(self, before: float) -> int: ...
 
+    def create_session(self, session: StoredSession) -> None: ...
+
+    def get_session(self, session_id: str) -> StoredSession: ...
+
+    def update_session(self, session_id: str, changes: dict[str, Any],
+                       now: float) -> StoredSession: ...
+
+    def list_sessions(self, query: SessionQuery) -> tuple[list[StoredSession], int]: ...
+
+    def session_runs(self, session_id: str, limit: int = 1000) -> list[StoredRun]: ...
+
+    def delete_session(self, session_id: str, runs: list[RunRemoval], now: float,
+                       retain_seconds: int) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -200,6 +289,19 @@ def approval_matches(approval: Approval, query: ApprovalQuery) -> bool:
         (query.session_id, doc.get("session_id")),
     )
     return all(wanted is None or wanted == actual for wanted, actual in checks)
+
+
+def session_matches(session: StoredSession, query: SessionQuery) -> bool:
+    """The filters of `query` that an index entry must still satisfy when it is read."""
+    return (
+        (query.agent_id is None or session.agent_id == query.agent_id)
+        and (query.user_id is None or session.user_id == query.user_id)
+        and (query.name_contains is None
+             or query.name_contains.casefold() in session.display_name.casefold())
+    )
+
+
+SESSION_FIELDS = ("name", "session_state", "metadata")
 
 
 def lease_lapsed(run: StoredRun, now: float) -> bool:

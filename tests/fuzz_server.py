@@ -18,6 +18,7 @@ the pause resolution, the admin guard and both kinds of answer.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -144,8 +145,10 @@ def fresh_run(agent_id: str) -> dict:
         return answer.json()
 
 
-def _real_run(agent_id: str) -> dict[str, str]:
-    return {"agent_id": agent_id, "run_id": fresh_run(agent_id)["run_id"]}
+def _real_run(wanted: dict, agent_id: str) -> dict[str, str]:
+    """The generated path parameters, with those a fresh run has (agent, run, session)."""
+    run = fresh_run(agent_id)
+    return {**wanted, **{k: run[k] for k in ("agent_id", "run_id", "session_id") if k in wanted}}
 
 
 def _real_approval(_: object) -> dict[str, str]:
@@ -208,8 +211,9 @@ def register_hooks() -> None:
     def flatmap_path_parameters(context, path_parameters):
         if not isinstance(path_parameters, dict):
             return st.just(path_parameters)
-        if "run_id" in path_parameters:
-            real = st.sampled_from(PAUSING_AGENTS).map(_real_run)
+        if "run_id" in path_parameters or "session_id" in path_parameters:
+            real = st.sampled_from(PAUSING_AGENTS).map(
+                functools.partial(_real_run, path_parameters))
         elif "approval_id" in path_parameters:
             real = st.just(None).map(_real_approval)
         else:

@@ -21,21 +21,21 @@ NO = "409"  # InvalidTransition
 GUARD = "403"  # ApprovalPending
 
 COLUMNS = (Trigger.PAUSE, Trigger.COMPLETE, Trigger.FAIL, Trigger.CANCEL, Trigger.CONTINUE,
-           Trigger.RESOLVE_APPROVAL, Trigger.CHECKPOINT)
+           Trigger.RESOLVE_APPROVAL, Trigger.CHECKPOINT, Trigger.DELETE)
 
 # Contract section 2, written out cell by cell; one row per state, columns as above.
-#           pause    complete   fail     cancel     continue   resolve   checkpoint
+#           pause    complete   fail     cancel     continue   resolve   checkpoint  delete
 TABLE = {
-    RUNNING: (PAUSED, COMPLETED, ERRORED, CANCELLED, NO, NO, RUNNING),
-    CONTINUED: (PAUSED, COMPLETED, ERRORED, CANCELLED, NO, NO, CONTINUED),
-    PAUSED: (NO, NO, NO, CANCELLED, CONTINUED, PAUSED, NO),
-    COMPLETED: (NO, NO, NO, NO, NO, NO, NO),
-    ERRORED: (NO, NO, NO, NO, NO, NO, NO),
-    CANCELLED: (NO, NO, NO, NO, NO, NO, NO),
+    RUNNING: (PAUSED, COMPLETED, ERRORED, CANCELLED, NO, NO, RUNNING, NO),
+    CONTINUED: (PAUSED, COMPLETED, ERRORED, CANCELLED, NO, NO, CONTINUED, NO),
+    PAUSED: (NO, NO, NO, CANCELLED, CONTINUED, PAUSED, NO, CANCELLED),
+    COMPLETED: (NO, NO, NO, NO, NO, NO, NO, COMPLETED),
+    ERRORED: (NO, NO, NO, NO, NO, NO, NO, ERRORED),
+    CANCELLED: (NO, NO, NO, NO, NO, NO, NO, CANCELLED),
 }
 
 # The same table with an admin approval pending: only the guarded continue changes.
-GUARDED_TABLE = {**TABLE, PAUSED: (NO, NO, NO, CANCELLED, GUARD, PAUSED, NO)}
+GUARDED_TABLE = {**TABLE, PAUSED: (NO, NO, NO, CANCELLED, GUARD, PAUSED, NO, CANCELLED)}
 
 ALREADY = {
     RUNNING: "run is already running",
@@ -101,9 +101,12 @@ def test_only_a_paused_continue_with_an_approval_pending_is_guarded():
 
 
 def test_nothing_leaves_a_final_state():
+    """A final run takes no trigger but `delete`, and that one keeps its state."""
     for state in (COMPLETED, ERRORED, CANCELLED):
         assert state.is_final
-        assert all(outcome(state, t, p) == NO for t in Trigger for p in (False, True))
+        assert all(outcome(state, t, p) == NO for t in Trigger for p in (False, True)
+                   if t is not Trigger.DELETE)
+        assert decide(state, Trigger.DELETE) is state
 
 
 def test_internal_transitions_keep_the_state():

@@ -27,6 +27,10 @@ class ExecutorBusy(Exception):
     """Every execution slot of this process is taken (HTTP 503, retry later)."""
 
 
+class ShuttingDown(ExecutorBusy):
+    """This process is stopping and takes no new runs (HTTP 503, retry: another worker will)."""
+
+
 def new_owner_id() -> str:
     """Identifies this process as a lease holder, across hosts."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -58,9 +62,12 @@ class RunExecutor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
+        self.draining = False
 
     def reserve(self) -> None:
         """Take an execution slot before committing a run to execute here."""
+        if self.draining:
+            raise ShuttingDown()
         if not self._slots.acquire(blocking=False):
             raise ExecutorBusy()
 
@@ -123,6 +130,18 @@ class RunExecutor:
             log.warning("background step skipped, store unavailable: %s", exc)
         except Exception:
             log.exception("background step failed")
+
+    def drain(self, seconds: float, poll: float = 0.1) -> list[str]:
+        """Take no new runs; wait up to `seconds` for the executing ones to pause or end.
+
+        Returns the runs still executing then: the caller abandons them (see the service).
+        Their loops go on meanwhile, committing as usual, and the lease thread renews them.
+        """
+        self.draining = True
+        until = time.monotonic() + seconds
+        while self.active() and time.monotonic() < until:
+            time.sleep(min(poll, max(0.0, until - time.monotonic())))
+        return self.active()
 
     def shutdown(self, wait: bool = True) -> None:
         self._stop.set()

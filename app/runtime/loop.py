@@ -24,7 +24,7 @@ from app.runtime.documents import (
 from app.runtime.models import ContentDelta, ModelError, ToolCall, TurnUsage
 from app.runtime.resolution import REJECT, RESULT
 from app.runtime.session import RunInterrupted, RunSession
-from app.runtime.tools import ToolCallContext, current_call
+from app.runtime.tools import ToolCallContext, current_call, run_tool
 from statemachine.states import Trigger
 from statemachine.store import APPROVAL_PENDING, Approval
 
@@ -125,7 +125,7 @@ def execute_call(session: RunSession, obj: dict[str, Any]) -> None:
     try:
         if tool is None:
             raise LookupError(f"Tool {obj['tool_name']} not found")
-        result, error = str(tool(**obj["tool_args"])), False
+        result, error = str(run_tool(tool, obj["tool_args"])), False
     except Exception as exc:  # a tool's failure is data for the model, not a crash
         result, error = f"{type(exc).__name__}: {exc}", True
     finally:

@@ -19,7 +19,12 @@ from app.runtime.executor import RunExecutor
 from app.runtime.loop import APPLY_KEY, execute
 from app.runtime.resolution import resolve_pause
 from app.runtime.session import Lifecycle, RunSession, commit_fields
-from statemachine.errors import ApprovalAlreadyResolved, RunNotFound, StaleRun
+from statemachine.errors import (
+    ApprovalAlreadyResolved,
+    RunNotFound,
+    StaleRun,
+    StoreUnavailable,
+)
 from statemachine.machine import decide
 from statemachine.states import RunState, Trigger
 from statemachine.store import (
@@ -29,6 +34,7 @@ from statemachine.store import (
     Remember,
     RunQuery,
     RunStore,
+    SessionLink,
     StoredRun,
 )
 
@@ -36,6 +42,8 @@ log = logging.getLogger(__name__)
 
 CAS_ATTEMPTS = 20
 LOST_WORKER = "The worker executing this run was lost before it finished (its lease expired)"
+WORKER_SHUTDOWN = ("The worker executing this run shut down before the run finished; it was "
+                   "stopped at its last committed step")
 PAUSE_EXPIRED = "pause expired"
 CANCELLED_BY_CLIENT = "cancelled by client"
 
@@ -107,15 +115,21 @@ class RunService:
     # -- create ---------------------------------------------------------------------------
 
     def create_run(self, agent_id: str, text: str, session_id: str | None,
-                   user_id: str | None) -> Started:
-        """Store a new RUNNING run with `RunStarted`, then execute it in the background."""
+                   user_id: str | None, *, exclusive: bool = False) -> Started:
+        """Store a new RUNNING run with `RunStarted`, then execute it in the background.
+
+        The run's session is made (or joined) by the store in the same write where it can
+        (SQLite), else as a hint written just before (Redis, see `RedisRunStore.create_run`).
+        `exclusive` (an authenticated user) refuses to join another user's session.
+        """
         agent = self.agent(agent_id)
         run = self._new_run(agent, text, session_id or new_id(), user_id)
         started = event(run.doc, "RunStarted", model=agent.model.id,
                         model_provider=agent.model.provider)
+        link = SessionLink(run.session_id, agent.id, user_id, text, run.created_at, exclusive)
         self.executor.reserve()
         try:
-            run.version = self.store.create_run(run, [started]).version
+            run.version = self.store.create_run(run, [started], session=link).version
         except BaseException:
             self.executor.release()
             raise
@@ -254,6 +268,10 @@ class RunService:
             run = self.store.get_run(access.run_id)
         return run
 
+    def settled(self, run: StoredRun) -> StoredRun:
+        """`run` as it stands after settling a lapsed lease or an expired pause."""
+        return self.store.get_run(run.run_id) if self._settle(run) else run
+
     def current_state(self, run_id: str) -> RunState:
         """The run's state after settling a lapsed lease or an expired pause."""
         run = self.store.get_run(run_id)
@@ -296,6 +314,39 @@ class RunService:
             except RunNotFound:
                 continue
         self.store.purge_finished(now - self.settings.retain_seconds)
+
+    # -- shutdown -------------------------------------------------------------------------
+
+    def stop_executing(self, grace_seconds: float) -> list[str]:
+        """A worker's clean stop: no new runs, `grace_seconds` for the executing ones to pause
+        or end, then every run still executing here ends ERROR (`WorkerShutdown`).
+
+        Returns the ids of the runs it ended; their streams end with that `RunError`.
+        """
+        abandoned = [run_id for run_id in self.executor.drain(grace_seconds)
+                     if self._abandon(run_id)]
+        if abandoned:
+            log.warning("worker shutdown: %d run(s) still executing moved to ERROR: %s",
+                        len(abandoned), " ".join(abandoned))
+        return abandoned
+
+    def _abandon(self, run_id: str) -> bool:
+        """End one run this worker executes; False if it is no longer ours to end."""
+        for _ in range(CAS_ATTEMPTS):
+            try:
+                run = self.store.get_run(run_id)
+                if not run.state.is_executing or run.lease_owner != self.executor.owner:
+                    return False
+                self._end(run, Trigger.FAIL, "RunError", content=WORKER_SHUTDOWN,
+                          error_type="WorkerShutdown")
+                return True
+            except StaleRun:
+                continue  # its loop committed a step meanwhile: decide again on the new one
+            except (RunNotFound, StoreUnavailable) as exc:
+                log.error("worker shutdown: run %s could not be ended (%s); its lease will "
+                          "lapse", run_id, type(exc).__name__)
+                return False
+        return False
 
     # -- approvals ------------------------------------------------------------------------
 

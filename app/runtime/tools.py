@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextvars
 import inspect
+import os
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from statemachine.blocking import Offload
 
 CONFIRMATION = "confirmation"
 USER_INPUT = "user_input"
@@ -35,6 +38,16 @@ class ToolCallContext:
 current_call: contextvars.ContextVar[ToolCallContext | None] = contextvars.ContextVar(
     "current_call", default=None
 )
+
+# Under gevent a tool's own code may block without yielding (a C driver, CPU work, a sleep in
+# a C library): each call runs in one of these OS threads, so it never freezes the worker's
+# requests, streams or lease renewals. Without gevent a tool runs in its run's thread.
+TOOL_THREADS = Offload(int(os.environ.get("TOOL_THREADS", "64") or 64), "tools")
+
+
+def run_tool(tool: Callable[..., Any], arguments: dict[str, Any]) -> Any:
+    """Call `tool(**arguments)` where blocking cannot stall other work (`current_call` kept)."""
+    return TOOL_THREADS.run(tool, **arguments)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from app.schemas import (
     strict_json,
 )
 from app.sse import HEADERS, MIMETYPE, follow, sse_body
+from statemachine import deadline
 from statemachine.states import states_for_wire_status
 from statemachine.store import RunQuery
 
@@ -47,7 +48,7 @@ def create_run(agent_id: str) -> Response:
     form = CREATE_FORM.load(request.form)
     user_id = identity().user_id or form["user_id"]
     started = agentos().service.create_run(agent_id, form["message"], form["session_id"],
-                                           user_id)
+                                           user_id, exclusive=identity().owner is not None)
     return run_answer(agent_id, started, form["stream"])
 
 
@@ -188,11 +189,13 @@ def run_answer(agent_id: str, started: Started, stream: bool) -> Response:
     """The stream from the run's first new event, or the run object once it stops."""
     if stream:
         return stream_response(agent_id, started.run_id, started.after)
-    for _ in _follow(started.run_id, started.after):
-        pass
     os = agentos()
-    run = os.store.get_run(started.run_id)
-    return jsonify(run_object(run, os.store.read_events(run.run_id)))
+    with deadline.budget(None):  # waiting for the run is not store work: no request budget
+        for _ in _follow(started.run_id, started.after):
+            pass
+    with deadline.budget(os.settings["STORE_TIMEOUT_SECONDS"]):
+        run = os.store.get_run(started.run_id)
+        return jsonify(run_object(run, os.store.read_events(run.run_id)))
 
 
 def stream_response(agent_id: str, run_id: str, after: int) -> Response:

@@ -1,0 +1,66 @@
+"""Calls that block in C (sqlite3, a tool's own code) kept off gevent's hub.
+
+Under gunicorn's gevent worker (sockets and threading monkey-patched) a call that blocks
+without yielding, such as a SQLite lock wait or a CPU-bound tool, would freeze every request
+of the worker. `Offload.run` sends such a call to a pool of real OS threads and waits for it
+cooperatively; without gevent it simply calls. The calling context (the request's store
+deadline, the tool's `current_call`) travels with the call.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import os
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def gevent_active() -> bool:
+    """True in a process whose sockets gevent has monkey-patched (gunicorn's gevent worker)."""
+    monkey = sys.modules.get("gevent.monkey")
+    return bool(monkey is not None and monkey.is_module_patched("socket"))
+
+
+def _outcome(call: Callable[[], T]) -> tuple[bool, Any]:
+    """The call's result or its exception, as a value: gevent's pool would print (as an
+    unhandled error) every exception a task raises, domain errors like RunNotFound included."""
+    try:
+        return True, call()
+    except BaseException as exc:  # re-raised, traceback and all, in the calling greenlet
+        return False, exc
+
+
+class Offload:
+    """A lazily built pool of `size` OS threads per process (again after a fork)."""
+
+    def __init__(self, size: int, name: str) -> None:
+        self.size = max(1, size)
+        self.name = name
+        self._pool: Any = None
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    def run(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`function(*args, **kwargs)` in a real thread under gevent, else right here."""
+        call = functools.partial(function, *args, **kwargs)
+        if not gevent_active():
+            return call()
+        context = contextvars.copy_context()
+        done, outcome = self._threads().apply(context.run, (_outcome, call))
+        if not done:
+            raise outcome
+        return outcome
+
+    def _threads(self) -> Any:
+        if self._pool is None or self._pid != os.getpid():
+            with self._lock:
+                if self._pool is None or self._pid != os.getpid():
+                    from gevent.threadpool import ThreadPool
+
+                    self._pool, self._pid = ThreadPool(self.size), os.getpid()
+        return self._pool
