@@ -167,3 +167,20 @@ def test_reindex_rebuilds_every_index_from_the_runs(store):
     assert store.get_approval(a2).status == "pending"
     assert reindex(store) == {"runs": 2, "approvals": 2, "legacy_keys_dropped": 0}
     assert views() == before
+
+
+def test_every_cluster_node_connection_honours_the_request_deadline(redis_cluster,
+                                                                     cluster_prefix):
+    from statemachine.redis_store import _DeadlineBound
+
+    store = RedisRunStore(redis_cluster.url, prefix=cluster_prefix, cluster=True)
+    try:
+        store.ping()
+        create(store, new_run())
+        pools = [node.redis_connection.connection_pool for node in store.redis.get_nodes()
+                 if node.redis_connection is not None]
+        assert pools and all(issubclass(p.connection_class, _DeadlineBound) for p in pools)
+        made = store.redis.nodes_manager.connection_kwargs["connection_class"]
+        assert issubclass(made, _DeadlineBound), "nodes found later are bound too"
+    finally:
+        store.close()
