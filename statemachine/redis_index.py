@@ -9,8 +9,9 @@ indexes stay exact in the common case and a listing costs the page plus the few 
 entries it meets.
 
 Each index is split over `SHARDS` sorted sets (one per `{idx-N}` tag, by the run's shard) and
-read newest first with a bounded k-way merge: a page of `limit` after `offset` reads at most
-`offset + limit` entries of each shard before it verifies, never the whole index.
+read newest first with a bounded k-way merge: a page of `limit` after `offset` reads about
+twice each shard's share of `offset + limit` entries (more only from a shard that holds more
+than its share), never the whole index.
 """
 
 from __future__ import annotations
@@ -80,7 +81,11 @@ class Merge:
                  descending: bool = True) -> None:
         self.client = client
         self.descending = descending
-        self.window = max(1, min(window, _MAX_WINDOW))
+        # `window` entries in all are wanted; the shards share them about evenly (a stable
+        # hash), so each is read for twice its share first, and a shard that runs out is
+        # read further (doubling) without touching the others.
+        share = window if len(keys) <= 1 else 2 * window // len(keys) + 8
+        self.window = max(1, min(share, window, _MAX_WINDOW))
         self.heap: list[_Entry] = []
         self.start: dict[str, int] = dict.fromkeys(keys, 0)
         self.buffers: dict[str, deque] = {}
