@@ -34,6 +34,7 @@ if control_socket is None:
 
 def on_starting(server):
     """Each open stream holds a client socket and, while it waits, a Redis connection."""
+    _make_prometheus_dir()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft < hard:
         wanted = 65536 if hard == resource.RLIM_INFINITY else hard
@@ -59,3 +60,32 @@ def worker_exit(server, worker):
     from app.shutdown import stop_now
 
     stop_now(worker)
+
+
+# -- Prometheus multiprocess mode (issue 15) ----------------------------------------------------
+# Every worker writes its metrics to files in one directory that /metrics aggregates. Unless
+# PROMETHEUS_MULTIPROC_DIR is given, each master makes a private temporary one (inherited by
+# its workers) and removes it on exit; a dead worker's live gauges are dropped as it exits.
+_PROMETHEUS_DIR_MADE = None
+
+
+def _make_prometheus_dir():
+    global _PROMETHEUS_DIR_MADE
+    import tempfile
+
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        _PROMETHEUS_DIR_MADE = tempfile.mkdtemp(prefix="agentos-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = _PROMETHEUS_DIR_MADE
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    import shutil
+
+    if _PROMETHEUS_DIR_MADE:
+        shutil.rmtree(_PROMETHEUS_DIR_MADE, ignore_errors=True)

@@ -13,15 +13,17 @@ from app.config import load_settings
 from app.context import AgentOS
 from app.errors import register_error_handlers
 from app.intake import BodyIntake
+from app.observability import ObservedStore, StoreGauges, count_slots, count_webhook, install
 from app.runtime.agent import Agent, load_agents
 from app.runtime.executor import RunExecutor
+from app.runtime.notifications import Deliverer, target_from
 from app.runtime.service import RunService, Settings
 from app.runtime.sessions import SessionService
 from app.schemas import strict_json
 from statemachine import deadline
 from statemachine.store import RunStore
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "start_background"]
 
 
 class _TrailingSlashTolerant:
@@ -48,17 +50,18 @@ def build_store(settings: dict[str, Any]) -> RunStore:
     """Redis when `REDIS_URL` is set (multi-host; a Redis Cluster through any of its nodes
     with `REDIS_CLUSTER`), else the embedded SQLite file."""
     timeout = settings["STORE_TIMEOUT_SECONDS"]
+    outbox = bool(settings["WEBHOOK_URL"])
     if settings["REDIS_URL"]:
         from statemachine.redis_store import RedisRunStore
 
         return RedisRunStore(settings["REDIS_URL"], prefix=settings["REDIS_KEY_PREFIX"],
-                             socket_timeout=timeout,
+                             socket_timeout=timeout, outbox=outbox,
                              max_connections=settings["REDIS_MAX_CONNECTIONS"],
                              cluster=bool(settings["REDIS_CLUSTER"]),
                              wait_replicas=settings["REDIS_WAIT_REPLICAS"])
     from statemachine.sqlite_store import SqliteRunStore
 
-    return SqliteRunStore(settings["AGENTOS_DB"], busy_timeout=timeout)
+    return SqliteRunStore(settings["AGENTOS_DB"], busy_timeout=timeout, outbox=outbox)
 
 
 def _agents(settings: dict[str, Any], config: dict[str, Any]) -> dict[str, Agent]:
@@ -71,17 +74,23 @@ def _agents(settings: dict[str, Any], config: dict[str, Any]) -> dict[str, Agent
 def _runtime(settings: dict[str, Any], config: dict[str, Any]) -> AgentOS:
     """The store, the agents, the executor and the service that ties them together."""
     store = config.get("STORE") or build_store(settings)
+    if settings["WEBHOOK_URL"]:
+        store.outbox = True  # a store given by a test writes its outbox too
+    store = ObservedStore(store)
     agents = _agents(settings, config)
     executor = RunExecutor(store, max_runs=settings["MAX_RUNS_PER_PROCESS"],
                            lease_seconds=settings["RUN_LEASE_SECONDS"],
                            sweep_interval=settings["SWEEP_INTERVAL_SECONDS"])
+    executor.on_change = count_slots
     service = RunService(store, agents, Settings(
         lease_seconds=settings["RUN_LEASE_SECONDS"],
         pause_ttl_seconds=settings["PAUSE_TTL_SECONDS"],
         retain_seconds=settings["RUN_RETENTION_SECONDS"]), executor)
     executor.sweep = service.sweep
+    target = target_from(settings)
+    deliverer = Deliverer(store, target, count_webhook) if target else None
     return AgentOS(settings, store, agents, service, executor, datetime.now(UTC).isoformat(),
-                   SessionService(service))
+                   SessionService(service), deliverer, StoreGauges(store))
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
@@ -103,15 +112,16 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
 
 def _register(app: Flask) -> None:
-    from app.views import approvals, meta, runs, sessions
+    from app.views import approvals, console, meta, runs, sessions
 
-    for blueprint in (meta.bp, runs.bp, approvals.bp, sessions.bp):
+    for blueprint in (meta.bp, runs.bp, approvals.bp, sessions.bp, console.bp):
         app.register_blueprint(blueprint)
     register_error_handlers(app)
+    install(app)
 
     @app.before_request
     def _start_background() -> None:
-        app.extensions["agentos"].executor.ensure_background()
+        start_background(app)
 
     @app.before_request
     def _open_store_budget() -> None:
@@ -122,3 +132,11 @@ def _register(app: Flask) -> None:
         token = g.pop("store_budget", None)
         if token is not None:
             deadline.close_budget(token)
+
+
+def start_background(app: Flask) -> None:
+    """This process's lease/sweep thread and webhook deliverer (idempotent, fork-aware)."""
+    runtime = app.extensions["agentos"]
+    runtime.executor.ensure_background()
+    if runtime.deliverer is not None:
+        runtime.deliverer.ensure_running()

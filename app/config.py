@@ -35,6 +35,13 @@ DEFAULTS: dict[str, Any] = {
     "MAX_CONTENT_LENGTH": 1024 * 1024,
     "REQUEST_TIMEOUT_SECONDS": 10.0,
     "REDIS_MAX_CONNECTIONS": 2048,
+    "WEBHOOK_URL": None,
+    "WEBHOOK_SECRET": None,
+    "WEBHOOK_TIMEOUT_SECONDS": 5.0,
+    "WEBHOOK_RETRY_SECONDS": 3600.0,
+    "WEBHOOK_POLL_SECONDS": 0.5,
+    "LOG_FORMAT": "text",
+    "METRICS_REQUIRE_AUTH": False,
 }
 
 def flag(value: str) -> bool:
@@ -63,6 +70,10 @@ _CASTS: dict[str, Any] = {
     "MAX_CONTENT_LENGTH": int,
     "REQUEST_TIMEOUT_SECONDS": float,
     "REDIS_MAX_CONNECTIONS": int,
+    "WEBHOOK_TIMEOUT_SECONDS": float,
+    "WEBHOOK_RETRY_SECONDS": float,
+    "WEBHOOK_POLL_SECONDS": float,
+    "METRICS_REQUIRE_AUTH": lambda v: v.strip().lower() in ("1", "true", "yes", "on"),
 }
 
 
@@ -100,4 +111,19 @@ def load_settings(overrides: Mapping[str, Any] | None = None,
         raise ConfigError("REDIS_WAIT_REPLICAS must be 0 or more")
     if settings["JWT_ALGORITHM"] not in ("RS256", "HS256"):
         raise ConfigError("JWT_ALGORITHM must be RS256 or HS256")
+    _check_observability(settings)
     return settings
+
+
+def _check_observability(settings: dict[str, Any]) -> None:
+    """Webhook and log settings that cannot work are refused at start, not at first use."""
+    url = settings["WEBHOOK_URL"]
+    if url and not str(url).startswith(("http://", "https://")):
+        raise ConfigError("WEBHOOK_URL must be an http:// or https:// URL")
+    if url and not settings["WEBHOOK_SECRET"]:
+        raise ConfigError("WEBHOOK_URL needs WEBHOOK_SECRET (deliveries are always signed)")
+    if settings["LOG_FORMAT"] not in ("text", "json"):
+        raise ConfigError("LOG_FORMAT must be text or json")
+    for name in ("WEBHOOK_TIMEOUT_SECONDS", "WEBHOOK_RETRY_SECONDS", "WEBHOOK_POLL_SECONDS"):
+        if settings[name] <= 0:
+            raise ConfigError(f"{name} must be positive")

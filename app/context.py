@@ -9,6 +9,7 @@ from flask import current_app
 
 from app.runtime.agent import Agent
 from app.runtime.executor import RunExecutor
+from app.runtime.notifications import Deliverer
 from app.runtime.service import RunService
 from app.runtime.sessions import SessionService
 from statemachine.store import RunStore
@@ -23,6 +24,8 @@ class AgentOS:
     executor: RunExecutor
     instantiated_at: str
     sessions: SessionService
+    deliverer: Deliverer | None = None
+    gauges: Any = None
 
     @property
     def db_id(self) -> str:

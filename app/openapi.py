@@ -336,7 +336,8 @@ def _session_paths() -> dict[str, dict[str, Any]]:
         "/sessions/{session_id}/runs": {"get": _op(
             "get_session_runs", "Get Session Runs", "Sessions",
             {200: _json_list("RunSchema", "The session's runs, oldest first"),
-             **_errors(401, 403, 404, 422, 503)}, params=session + one())},
+             **_errors(401, 403, 404, 422, 503)},
+            params=session + _query_params(schemas.SessionRunsQuerySchema))},
         "/sessions/{session_id}/runs/{run_id}": {"get": _op(
             "get_session_run", "Get Run by ID", "Sessions",
             {200: _json("RunSchema"), **_errors(401, 403, 404, 422, 503)},

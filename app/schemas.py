@@ -376,6 +376,15 @@ class SessionQuerySchema(SessionInputSchema):
     table = fields.String(load_default=None, validate=validate.Length(max=MAX_ID_LENGTH))
 
 
+class SessionRunsQuerySchema(SessionQuerySchema):
+    """The reference's run window: epoch seconds, both ends included."""
+
+    created_after = fields.Integer(load_default=None, strict=False,
+                                   validate=validate.Range(min=0, max=MAX_EVENT_ID))
+    created_before = fields.Integer(load_default=None, strict=False,
+                                    validate=validate.Range(min=0, max=MAX_EVENT_ID))
+
+
 class SessionsQuerySchema(SessionQuerySchema):
     component_id = _id(load_default=None)
     session_name = fields.String(load_default=None,

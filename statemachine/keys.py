@@ -144,6 +144,24 @@ class Keys:
         """Hash: approval_id -> run_id, to find an approval's slot from its id alone."""
         return f"{self._shard(shard_of(approval_id))}:approval-run"
 
+    # -- webhook outbox (issue 15) ------------------------------------------------------
+
+    def outbox(self, run_id: str) -> str:
+        """Hash: the run's undelivered notifications, fields `p:<id>` payload, `n:<id>` next
+        attempt (epoch seconds), `t:<id>` attempts, `c:<id>` creation time. In the run's slot,
+        so the commit script writes it atomically with the fact it announces."""
+        return f"{self.prefix}:run:{{{run_id}}}:outbox"
+
+    def outbox_failed(self, run_id: str) -> str:
+        """Hash: entry id -> JSON {payload, attempts, error} of notifications given up on."""
+        return f"{self.prefix}:run:{{{run_id}}}:outbox-failed"
+
+    def outbox_shard(self, shard: int) -> str:
+        """Sorted set: run_id scored by when its outbox should next be looked at (a hint,
+        written before the commit; verified by the claim). Tagged `{outbox:N}`: one slot per
+        shard in a Redis Cluster."""
+        return f"{self.prefix}:{{outbox:{shard}}}"
+
 
 def approval_member(approval_id: str, run_id: str) -> str:
     """An approvals index member: the id first (ties order by id), then its run."""

@@ -47,6 +47,17 @@ end
 if ARGV[13] ~= '' then
   redis.call('SET', KEYS[3], ARGV[13], 'EX', tonumber(ARGV[14]))
 end
+-- outbox (issue 15) ------------------------------------------------------------------
+-- The last key is the run's outbox hash; ARGV ends with <id, payload, time> triples and
+-- their count, so a notification is written exactly when the fact it announces is.
+local nout = tonumber(ARGV[#ARGV])
+local obase = #ARGV - 3 * nout - 1
+for i = 0, nout - 1 do
+  local id, at = ARGV[obase + 3 * i + 1], ARGV[obase + 3 * i + 3]
+  redis.call('HSET', KEYS[#KEYS], 'p:' .. id, ARGV[obase + 3 * i + 2], 'n:' .. id, at,
+    't:' .. id, 0, 'c:' .. id, at)
+end
+-- end outbox ------------------------------------------------------------------------------
 return out
 """
 
@@ -78,6 +89,17 @@ local pending = tonumber(redis.call('HGET', KEYS[1], 'pending_approvals') or '0'
 if pending < 0 then pending = 0 end
 redis.call('HSET', KEYS[1], 'version', tonumber(v) + 1, 'pending_approvals', pending,
   'updated_at', ARGV[4])
+-- outbox (issue 15) ------------------------------------------------------------------
+-- The last key is the run's outbox hash; ARGV ends with <id, payload, time> triples and
+-- their count, so a notification is written exactly when the fact it announces is.
+local nout = tonumber(ARGV[#ARGV])
+local obase = #ARGV - 3 * nout - 1
+for i = 0, nout - 1 do
+  local id, at = ARGV[obase + 3 * i + 1], ARGV[obase + 3 * i + 3]
+  redis.call('HSET', KEYS[#KEYS], 'p:' .. id, ARGV[obase + 3 * i + 2], 'n:' .. id, at,
+    't:' .. id, 0, 'c:' .. id, at)
+end
+-- end outbox ------------------------------------------------------------------------------
 return {tonumber(v) + 1}
 """
 
@@ -98,8 +120,9 @@ return 0
 """
 
 # KEYS: session hash, session runs. ARGV: session_id, agent_id, user_id ('' none), message,
-# now, run_id, exclusive ('1' refuses another user's session). Makes the session or joins it;
-# answers {code, agent_id, user_id} of the session.
+# now, run_id, exclusive ('1' refuses another user's session). Makes the session (code 1) or
+# joins it (0; 2 when it had no agent and takes the run's); answers {code, agent_id, user_id,
+# created_at} of the session.
 LINK_SESSION = """
 local owner = redis.call('HGET', KEYS[1], 'user_id')
 if not owner then
@@ -107,20 +130,22 @@ if not owner then
     'first_message', ARGV[4], 'session_state', '{}', 'created_at', ARGV[5],
     'updated_at', ARGV[5])
   redis.call('ZADD', KEYS[2], ARGV[5], ARGV[6])
-  return {1, ARGV[2], ARGV[3]}
+  return {1, ARGV[2], ARGV[3], ARGV[5]}
 end
 if ARGV[7] == '1' and owner ~= ARGV[3] then return {-6} end
 redis.call('HSETNX', KEYS[1], 'first_message', ARGV[4])
+local code = 0
 local agent = redis.call('HGET', KEYS[1], 'agent_id')
 if agent == '' then
   agent = ARGV[2]
+  code = 2
   redis.call('HSET', KEYS[1], 'agent_id', agent)
 end
 if tonumber(ARGV[5]) > tonumber(redis.call('HGET', KEYS[1], 'updated_at')) then
   redis.call('HSET', KEYS[1], 'updated_at', ARGV[5])
 end
 redis.call('ZADD', KEYS[2], ARGV[5], ARGV[6])
-return {0, agent, owner}
+return {code, agent, owner, redis.call('HGET', KEYS[1], 'created_at')}
 """
 
 # KEYS: session hash. ARGV: the field/value pairs of a new session (JSON object).
@@ -166,6 +191,44 @@ DELETE_SESSION = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if redis.call('ZCARD', KEYS[2]) > 0 then return -2 end
 redis.call('DEL', KEYS[1])
+return 1
+"""
+
+# -- outbox (issue 15) ---------------------------------------------------------------------
+
+OUTBOX_CLAIM = """
+local all = redis.call('HGETALL', KEYS[1])
+local now, lease, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local out, soonest, taken = {}, -1, 0
+for i = 1, #all, 2 do
+  local f = all[i]
+  if string.sub(f, 1, 2) == 'n:' then
+    local id = string.sub(f, 3)
+    local due = tonumber(all[i + 1])
+    if due <= now and taken < limit then
+      redis.call('HSET', KEYS[1], f, ARGV[2])
+      taken = taken + 1
+      due = lease
+      out[#out + 1] = id
+      out[#out + 1] = redis.call('HGET', KEYS[1], 'p:' .. id)
+      out[#out + 1] = redis.call('HGET', KEYS[1], 't:' .. id) or '0'
+      out[#out + 1] = redis.call('HGET', KEYS[1], 'c:' .. id) or ARGV[1]
+    end
+    if soonest < 0 or due < soonest then soonest = due end
+  end
+end
+table.insert(out, 1, string.format('%.6f', soonest))
+return out
+"""
+
+OUTBOX_RESCHEDULE = """
+local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not s or tonumber(s) ~= tonumber(ARGV[2]) then return 0 end
+if tonumber(ARGV[3]) < 0 then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+else
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+end
 return 1
 """
 

@@ -35,6 +35,13 @@ from statemachine.errors import (
     StoreUnavailable,
 )
 from statemachine.keys import SHARDS, Keys, approval_member, shard_of
+from statemachine.outbox import (
+    OUTBOX_SHARDS,
+    OutboxEntry,
+    commit_entries,
+    resolution_entry,
+)
+from statemachine.outbox import shard_of as outbox_shard_of
 from statemachine.redis_index import Merge, RedisIndex, pipe_eval
 from statemachine.states import RunState
 from statemachine.store import (
@@ -248,8 +255,10 @@ class RedisRunStore:
         max_connections: int = 64,
         cluster: bool = False,
         wait_replicas: int = 0,
+        outbox: bool = False,
     ) -> None:
         self.keys = Keys(prefix)
+        self.outbox = outbox
         self.cluster = cluster
         self.wait_replicas = wait_replicas
         self.wait_timeout = min(1.0, socket_timeout / 2)
@@ -267,6 +276,9 @@ class RedisRunStore:
         self._update_session = self.redis.register_script(lua.UPDATE_SESSION)
         self._delete_run = self.redis.register_script(lua.DELETE_RUN)
         self._delete_session = self.redis.register_script(lua.DELETE_SESSION)
+
+        self._claim = self.redis.register_script(lua.OUTBOX_CLAIM)
+        self._reschedule = self.redis.register_script(lua.OUTBOX_RESCHEDULE)
 
     # -- runs ---------------------------------------------------------------------------
 
@@ -346,6 +358,7 @@ class RedisRunStore:
             *map(dumps, commit.events),
             *(dumps(a.doc) for a in commit.approvals),
         ]
+        keys, args = self._with_outbox(rid, keys, args, self._commit_entries(commit))
         out = self._replicated(keys, args) if commit.reindex else \
             self._commit(keys=keys, args=args)
         if out[0] < 0 and commit.reindex:
@@ -461,9 +474,9 @@ class RedisRunStore:
         keys = [self.keys.run(approval.run_id), self.keys.approval(approval.run_id,
                                                                   approval.approval_id)]
         self.index.hint_resolve(approval, expected_version)
-        out = self._resolve(
-            keys=keys, args=[expected_version, approval.status, dumps(resolution), repr(now)]
-        )
+        entries = [resolution_entry(approval, now)] if self.outbox else []
+        args = [expected_version, approval.status, dumps(resolution), repr(now)]
+        out = self._resolve(*self._with_outbox(approval.run_id, keys, args, entries))
         result = resolve_outcome(out[0], approval, out[1] if len(out) > 1 else None)
         self.index.after_resolve(approval, result.version)
         return result
@@ -507,10 +520,21 @@ class RedisRunStore:
             link.session_id, link.agent_id, link.user_id or "", link.message,
             repr(link.now), run_id, "1" if link.exclusive else ""])
         if out[0] == -6:
+            self._restore_updated(link.session_id)
             raise SessionOwnedElsewhere(link.session_id)
         agent_id, user_id = out[1] or None, out[2] or None
+        if out[0] == 2:  # the session took the run's agent: its agent indexes are new
+            self._index_created(link.session_id, agent_id, user_id, float(out[3]))
         if (agent_id, user_id) != (link.agent_id, link.user_id):
             self._hint_session(link.session_id, agent_id, user_id, None, link.now)
+
+    def _index_created(self, session_id: str, agent_id: str | None, user_id: str | None,
+                       created_at: float) -> None:
+        """The session's true creation time in its indexes (the hint had the run's time)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for key in self._index_keys(session_id, "created_at", agent_id, user_id):
+            pipe.zadd(key, {session_id: created_at})
+        pipe.execute()
 
     def _index_keys(self, session_id: str, sort_by: str, agent_id: str | None,
                     user_id: str | None) -> list[str]:
@@ -523,19 +547,30 @@ class RedisRunStore:
         return [self.keys.sessions(shard, sort_by, a, u) for a, u in scopes]
 
     def _hint_session(self, session_id: str, agent_id: str | None, user_id: str | None,
-                      created_at: float | None, updated_at: float) -> None:
+                      created_at: float | None, updated_at: float, new: bool = False) -> None:
+        """Listing hints: a session's creation time (never replacing an entry) and a later
+        `updated_at` (only ever moving it forward; a `new` session's never replaces one)."""
         pipe = self.redis.pipeline(transaction=False)
         if created_at is not None:
             for key in self._index_keys(session_id, "created_at", agent_id, user_id):
                 pipe.zadd(key, {session_id: created_at}, nx=True)
         for key in self._index_keys(session_id, "updated_at", agent_id, user_id):
-            pipe.zadd(key, {session_id: updated_at}, gt=True)
+            pipe.zadd(key, {session_id: updated_at}, nx=new, gt=not new)
+        pipe.execute()
+
+    def _restore_updated(self, session_id: str) -> None:
+        """Put back the stored `updated_at` after a hint for a write that did not happen."""
+        session = self.get_session(session_id)
+        pipe = self.redis.pipeline(transaction=False)
+        for key in self._index_keys(session_id, "updated_at", session.agent_id,
+                                    session.user_id):
+            pipe.zadd(key, {session_id: session.updated_at}, xx=True)
         pipe.execute()
 
     @_guarded
     def create_session(self, session: StoredSession) -> None:
         self._hint_session(session.session_id, session.agent_id, session.user_id,
-                           session.created_at, session.updated_at)
+                           session.created_at, session.updated_at, new=True)
         fields = {
             "session_id": session.session_id, "agent_id": session.agent_id or "",
             "user_id": session.user_id or "", "session_state": dumps(session.session_state),
@@ -688,6 +723,87 @@ class RedisRunStore:
                                           session.user_id):
                 pipe.zrem(index, session.session_id)
         pipe.execute()
+
+    # -- webhook outbox (issue 15) -------------------------------------------------------
+
+    def _commit_entries(self, commit: Commit) -> list[OutboxEntry]:
+        return commit_entries(commit) if self.outbox else []
+
+    def _with_outbox(self, run_id: str, keys: list[str], args: list[Any],
+                     entries: list[OutboxEntry]) -> tuple[list[str], list[Any]]:
+        """Append the outbox key and entries (the scripts' last key and ARGV tail); the
+        shard hint goes first, like every index hint, and is verified when claimed."""
+        if entries:
+            self.redis.zadd(self.keys.outbox_shard(outbox_shard_of(run_id)),
+                            {run_id: entries[0].created_at})
+        tail: list[Any] = []
+        for entry in entries:
+            tail += [entry.entry_id, entry.payload, repr(entry.created_at)]
+        return [*keys, self.keys.outbox(run_id)], [*args, *tail, len(entries)]
+
+    @_guarded
+    def claim_outbox(self, now: float, lease_until: float, limit: int = 50) -> list[OutboxEntry]:
+        """Lease due entries (until `lease_until`) so no other deliverer takes them meanwhile."""
+        claimed: list[OutboxEntry] = []
+        indexes = [self.keys.outbox_shard(shard) for shard in range(OUTBOX_SHARDS)]
+        pipe = self.redis.pipeline(transaction=False)
+        for index in indexes:
+            pipe.zrangebyscore(index, "-inf", now, start=0, num=limit, withscores=True)
+        for index, due in zip(indexes, pipe.execute(), strict=True):
+            for run_id, score in due:
+                claimed += self._claim_run(index, run_id, score, now, lease_until, limit)
+                if len(claimed) >= limit:
+                    return claimed
+        return claimed
+
+    def _claim_run(self, index: str, run_id: str, score: float, now: float,
+                   lease_until: float, limit: int) -> list[OutboxEntry]:
+        out = self._claim(keys=[self.keys.outbox(run_id)],
+                          args=[repr(now), repr(lease_until), limit])
+        self._reschedule(keys=[index], args=[run_id, repr(score), out[0]])
+        rows = out[1:]
+        return [OutboxEntry(entry_id=rows[i], run_id=run_id, payload=rows[i + 1],
+                            attempts=int(rows[i + 2]), created_at=float(rows[i + 3]))
+                for i in range(0, len(rows), 4)]
+
+    @_guarded
+    def settle_outbox(self, entry: OutboxEntry, *, delivered: bool,
+                      retry_at: float | None = None, error: str | None = None) -> None:
+        """Delivered: drop it. Else retry at `retry_at`, or (None) record it as failed."""
+        key, eid = self.keys.outbox(entry.run_id), entry.entry_id
+        fields = [f"p:{eid}", f"n:{eid}", f"t:{eid}", f"c:{eid}"]
+        pipe = self.redis.pipeline(transaction=True)
+        if delivered:
+            pipe.hdel(key, *fields)
+        elif retry_at is not None:
+            pipe.hset(key, f"n:{eid}", repr(retry_at))
+            pipe.hincrby(key, f"t:{eid}", 1)
+        else:
+            pipe.hset(self.keys.outbox_failed(entry.run_id), eid, dumps(
+                {"payload": entry.payload, "attempts": entry.attempts + 1, "error": error}))
+            pipe.hdel(key, *fields)
+        pipe.execute()
+        if retry_at is not None and not delivered:
+            self.redis.zadd(self.keys.outbox_shard(outbox_shard_of(entry.run_id)),
+                            {entry.run_id: retry_at}, lt=True)
+
+    @_guarded
+    def failed_outbox(self, run_id: str) -> list[dict[str, Any]]:
+        """The notifications of a run that were given up on, as recorded."""
+        return [json.loads(v) for v in self.redis.hvals(self.keys.outbox_failed(run_id))]
+
+    @_guarded
+    def count_paused_runs(self, limit: int = 10_000) -> int:
+        """Runs PAUSED now, checked against the runs behind the pause index (at most `limit`,
+        read evenly from its shards)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for shard in range(SHARDS):
+            pipe.zrange(self.keys.paused(shard), 0, max(1, limit // SHARDS) - 1)
+        ids = [run_id for rows in pipe.execute() for run_id in rows]
+        pipe = self.redis.pipeline(transaction=False)
+        for run_id in ids:
+            pipe.hget(self.keys.run(run_id), "state")
+        return sum(1 for state in (pipe.execute() if ids else []) if state == "PAUSED")
 
     def close(self) -> None:
         if self.cluster:

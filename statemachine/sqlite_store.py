@@ -29,6 +29,7 @@ from statemachine.errors import (
     StaleRun,
     StoreUnavailable,
 )
+from statemachine.outbox import OutboxEntry, commit_entries, resolution_entry
 from statemachine.states import RunState
 from statemachine.store import (
     APPROVAL_EXPIRED,
@@ -142,6 +143,17 @@ CREATE TABLE IF NOT EXISTS idempotency (
     expires_at REAL NOT NULL,
     PRIMARY KEY (scope, key)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outbox (
+    entry_id TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    next_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    failed_at REAL,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_at) WHERE failed_at IS NULL;
 """
 
 _APPROVAL_FILTERS = ("status", "agent_id", "user_id", "run_id", "session_id")
@@ -214,8 +226,9 @@ def _approval_from_row(row: sqlite3.Row) -> Approval:
 class SqliteRunStore:
     """RunStore on one SQLite file; one connection per thread, WAL, immediate transactions."""
 
-    def __init__(self, path: str, *, busy_timeout: float = 5.0) -> None:
+    def __init__(self, path: str, *, busy_timeout: float = 5.0, outbox: bool = False) -> None:
         self.path = path
+        self.outbox = outbox
         self.busy_timeout = busy_timeout
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
@@ -341,6 +354,7 @@ class SqliteRunStore:
             pending -= self._expire_approvals(db, commit)
             seqs = self._append_events(db, commit.run_id, row["last_seq"], commit.events)
             self._remember(db, commit)
+            self._enqueue(db, commit_entries(commit) if self.outbox else [])
             finished = commit.now if commit.retain_seconds is not None else None
             db.execute(
                 "UPDATE runs SET state = ?, version = version + 1, doc = ?, updated_at = ?, "
@@ -495,6 +509,7 @@ class SqliteRunStore:
                     "pending_approvals = MAX(pending_approvals - 1, 0) WHERE run_id = ?",
                     (now, approval.run_id),
                 )
+                self._enqueue(db, [resolution_entry(approval, now)] if self.outbox else [])
         return resolve_outcome(code, approval, status)
 
     @staticmethod
@@ -641,6 +656,69 @@ class SqliteRunStore:
         ).fetchall()]
         db.executemany("DELETE FROM approvals WHERE run_id = ?", ids)
         db.executemany("DELETE FROM deleted_runs WHERE run_id = ?", ids)
+
+    # -- webhook outbox (issue 15) -------------------------------------------------------
+
+    @staticmethod
+    def _enqueue(db: sqlite3.Connection, entries: list[OutboxEntry]) -> None:
+        """Outbox rows, inside the caller's transaction: they exist iff the fact does."""
+        db.executemany(
+            "INSERT INTO outbox (entry_id, run_id, payload, created_at, next_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [(e.entry_id, e.run_id, e.payload, e.created_at, e.created_at) for e in entries],
+        )
+
+    @_guarded
+    def claim_outbox(self, now: float, lease_until: float, limit: int = 50) -> list[OutboxEntry]:
+        """Lease due entries (until `lease_until`) so no other deliverer takes them meanwhile.
+
+        A read first: an idle outbox costs no write lock, however often it is polled."""
+        due = self._read().execute(
+            "SELECT 1 FROM outbox WHERE failed_at IS NULL AND next_at <= ? LIMIT 1", (now,)
+        ).fetchone()
+        if due is None:
+            return []
+        with self._write() as db:
+            rows = db.execute(
+                "SELECT entry_id, run_id, payload, created_at, attempts FROM outbox "
+                "WHERE failed_at IS NULL AND next_at <= ? ORDER BY next_at LIMIT ?",
+                (now, limit),
+            ).fetchall()
+            db.executemany("UPDATE outbox SET next_at = ? WHERE entry_id = ?",
+                           [(lease_until, row["entry_id"]) for row in rows])
+        return [OutboxEntry(entry_id=r["entry_id"], run_id=r["run_id"], payload=r["payload"],
+                            created_at=r["created_at"], attempts=r["attempts"]) for r in rows]
+
+    @_guarded
+    def settle_outbox(self, entry: OutboxEntry, *, delivered: bool,
+                      retry_at: float | None = None, error: str | None = None) -> None:
+        """Delivered: drop it. Else retry at `retry_at`, or (None) record it as failed."""
+        with self._write() as db:
+            if delivered:
+                db.execute("DELETE FROM outbox WHERE entry_id = ?", (entry.entry_id,))
+            elif retry_at is not None:
+                db.execute("UPDATE outbox SET next_at = ?, attempts = attempts + 1, error = ? "
+                           "WHERE entry_id = ?", (retry_at, error, entry.entry_id))
+            else:
+                db.execute("UPDATE outbox SET failed_at = ?, attempts = attempts + 1, "
+                           "error = ? WHERE entry_id = ?",
+                           (time.time(), error, entry.entry_id))
+
+    @_guarded
+    def failed_outbox(self, run_id: str) -> list[dict[str, Any]]:
+        """The notifications of a run that were given up on, as recorded."""
+        rows = self._read().execute(
+            "SELECT payload, attempts, error FROM outbox WHERE run_id = ? "
+            "AND failed_at IS NOT NULL", (run_id,)).fetchall()
+        return [dict(row) for row in rows]
+
+    @_guarded
+    def count_paused_runs(self, limit: int = 10_000) -> int:
+        """Runs PAUSED now (at most `limit` counted), from the pause index."""
+        row = self._read().execute(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM runs WHERE paused_at IS NOT NULL "
+            "AND state = 'PAUSED' LIMIT ?)", (limit,)).fetchone()
+        return int(row[0])
 
     def close(self) -> None:
         with self._all_lock:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from statemachine.errors import (
     ApprovalAlreadyResolved,
@@ -20,6 +20,9 @@ from statemachine.errors import (
     StaleRun,
 )
 from statemachine.states import RunState
+
+if TYPE_CHECKING:
+    from statemachine.outbox import OutboxEntry
 
 APPROVAL_PENDING = "pending"
 APPROVAL_EXPIRED = "expired"
@@ -267,6 +270,19 @@ class RunStore(Protocol):
 
     def delete_session(self, session_id: str, runs: list[RunRemoval], now: float,
                        retain_seconds: int) -> None: ...
+
+    # The webhook outbox (statemachine/outbox.py): written by commits when enabled.
+
+    def claim_outbox(
+        self, now: float, lease_until: float, limit: int = 50
+    ) -> list[OutboxEntry]: ...
+
+    def settle_outbox(self, entry: OutboxEntry, *, delivered: bool,
+                      retry_at: float | None = None, error: str | None = None) -> None: ...
+
+    def failed_outbox(self, run_id: str) -> list[dict[str, Any]]: ...
+
+    def count_paused_runs(self, limit: int = 10_000) -> int: ...
 
     def close(self) -> None: ...
 

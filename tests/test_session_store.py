@@ -204,3 +204,24 @@ def test_concurrent_first_runs_make_one_session_holding_every_run(store):
     assert found.first_message.startswith("m")
     assert sorted(r.run_id for r in store.session_runs("s-race")) == sorted(made)
     assert page(store) == (["s-race"], 1)
+
+
+def test_refused_writes_leave_the_updated_order_alone(store):
+    linked(store, "a", user_id="alice", now=T0)
+    store.create_session(session("b", T0 + 1))
+    with pytest.raises(SessionExists):
+        store.create_session(session("a", T0 + 5))
+    with pytest.raises(SessionOwnedElsewhere):
+        store.create_run(new_run(session_id="a", user_id="bob"), [], session=SessionLink(
+            "a", "agent-a", "bob", "hi", T0 + 6, True))
+    assert page(store, sort_by="updated_at") == (["b", "a"], 2)
+    assert store.get_session("a").updated_at == T0
+
+
+def test_a_session_made_without_an_agent_is_listed_by_its_first_runs_agent(store):
+    store.create_session(session("early", T0, agent_id=None))
+    store.create_session(session("later", T0 + 1, agent_id="agent-a"))
+    linked(store, "early", now=T0 + 2)
+    assert store.get_session("early").agent_id == "agent-a"
+    assert page(store, agent_id="agent-a") == (["later", "early"], 2)
+    assert page(store, agent_id="agent-a", sort_by="updated_at") == (["early", "later"], 2)

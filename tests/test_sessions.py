@@ -16,6 +16,7 @@ import requests
 from app.runtime.agent import Agent
 from app.runtime.demo import demo_agents, send_email
 from app.runtime.models.scripted import PlannedCall, ScriptedModel
+from statemachine.store import Commit
 from tests.servers import Gunicorn, wait_until
 
 SECRET = "sessions-test-secret-of-at-least-32-bytes"
@@ -347,3 +348,28 @@ def test_every_session_route_is_in_the_document(app, client):
     assert ops == {"get_sessions", "create_session", "delete_sessions", "get_session_by_id",
                    "update_session", "delete_session", "rename_session", "get_session_runs",
                    "get_session_run"}
+
+
+def test_session_runs_take_the_reference_time_window(client):
+    first = run(client)
+    sid = first["session_id"]
+    run(client, session_id=sid)
+    now = int(time.time())
+    assert len(client.get(f"/sessions/{sid}/runs?created_after={now - 60}").json) == 2
+    assert client.get(f"/sessions/{sid}/runs?created_after={now + 60}").json == []
+    assert client.get(f"/sessions/{sid}/runs?created_before={now - 60}").json == []
+    assert client.get(f"/sessions/{sid}/runs?created_before=x").status_code == 422
+
+
+@pytest.mark.parametrize("store_kind", ["sqlite"])
+def test_a_session_run_shows_every_event(client, store):
+    made = run(client)
+    stored = store.get_run(made["run_id"])
+    filler = [{"event": "RunContent", "content": "x"} for _ in range(1100)]
+    store.commit(Commit(run_id=stored.run_id, expected_version=stored.version,
+                        state=stored.state, doc=stored.doc, now=time.time(), events=filler,
+                        retain_seconds=3600))
+    one = client.get(f"/sessions/{made['session_id']}/runs/{made['run_id']}").json
+    assert len(one["events"]) == stored.last_seq + 1100
+    assert len(client.get(f"/sessions/{made['session_id']}/runs").json[0]["events"]) == len(
+        one["events"])

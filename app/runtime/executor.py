@@ -54,6 +54,7 @@ class RunExecutor:
         self.owner = new_owner_id()
         self.lease_seconds = lease_seconds
         self.sweep: Callable[[], None] | None = None
+        self.on_change: Callable[[int], None] | None = None  # told the runs executing here
         self._sweep_interval = sweep_interval
         self._slots = threading.BoundedSemaphore(max_runs)
         self._pool = ThreadPoolExecutor(max_workers=max_runs, thread_name_prefix="run")
@@ -80,6 +81,7 @@ class RunExecutor:
         self.ensure_background()
         with self._lock:
             self._active.add(run_id)
+        self._changed()
         self._pool.submit(self._run, run_id, work)
 
     def _run(self, run_id: str, work: Callable[[], None]) -> None:
@@ -91,6 +93,11 @@ class RunExecutor:
             with self._lock:
                 self._active.discard(run_id)
             self._slots.release()
+            self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(len(self.active()))
 
     def active(self) -> list[str]:
         with self._lock:

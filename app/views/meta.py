@@ -3,26 +3,22 @@
 from __future__ import annotations
 
 import functools
+import os
 
-import swagger_ui_bundle
-from flask import Blueprint, Response, jsonify, request, send_from_directory
+import swagger_ui
+from flask import Blueprint, Response, jsonify, render_template, request, send_from_directory
 
-from app.auth import requires
+from app.auth import authenticate, requires
 from app.context import agentos
 from app.errors import error_response
+from app.observability import exposition
 from app.openapi import VERSION, build_openapi
 from statemachine.errors import StoreUnavailable
 
 bp = Blueprint("meta", __name__)
 
-DOCS_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>AgentOS API</title>
-<link rel="stylesheet" href="/docs/assets/swagger-ui.css"></head>
-<body><div id="swagger-ui"></div>
-<script src="/docs/assets/swagger-ui-bundle.js"></script>
-<script>window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
-</body></html>
-"""
+# Swagger UI 5 (reads OpenAPI 3.1), shipped as static files by the swagger-ui-py package.
+SWAGGER_UI_ASSETS = os.path.join(os.path.dirname(swagger_ui.__file__), "static")
 
 
 @bp.get("/")
@@ -67,10 +63,18 @@ def _openapi_document() -> dict:
 
 @bp.get("/docs")
 def docs() -> Response:
-    return Response(DOCS_PAGE, content_type="text/html; charset=utf-8")
+    return Response(render_template("docs.html"), content_type="text/html; charset=utf-8")
 
 
 @bp.get("/docs/assets/<path:name>")
 def docs_assets(name: str) -> Response:
-    return send_from_directory(swagger_ui_bundle.swagger_ui_path, name, max_age=86400)
+    return send_from_directory(SWAGGER_UI_ASSETS, name, max_age=86400)
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    """Prometheus text format; behind the API's credentials when METRICS_REQUIRE_AUTH=1."""
+    if agentos().settings["METRICS_REQUIRE_AUTH"]:
+        authenticate(agentos().settings)
+    return exposition(agentos().gauges)
 

@@ -6,7 +6,7 @@ import hashlib
 import json
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request, url_for
+from flask import Blueprint, Response, g, jsonify, request, url_for
 
 from app.auth import identity, requires
 from app.context import agentos
@@ -49,6 +49,7 @@ def create_run(agent_id: str) -> Response:
     user_id = identity().user_id or form["user_id"]
     started = agentos().service.create_run(agent_id, form["message"], form["session_id"],
                                            user_id, exclusive=identity().owner is not None)
+    g.run_id = started.run_id  # for the request's log line (issue 15)
     return run_answer(agent_id, started, form["stream"])
 
 

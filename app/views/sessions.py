@@ -22,16 +22,18 @@ from app.schemas import (
     DeleteSessionsSchema,
     RenameSessionSchema,
     SessionQuerySchema,
+    SessionRunsQuerySchema,
     SessionsQuerySchema,
     UpdateSessionSchema,
 )
 from statemachine.errors import SessionNotFound
-from statemachine.store import SessionQuery, StoredSession
+from statemachine.store import RunStore, SessionQuery, StoredEvent, StoredRun, StoredSession
 
 bp = Blueprint("sessions", __name__)
 
 LIST_QUERY = SessionsQuerySchema()
 ONE_QUERY = SessionQuerySchema()
+RUNS_QUERY = SessionRunsQuerySchema()
 CREATE_BODY = CreateSessionSchema()
 UPDATE_BODY = UpdateSessionSchema()
 RENAME_BODY = RenameSessionSchema()
@@ -110,13 +112,14 @@ def rename_session(session_id: str) -> Response:
 @bp.get("/sessions/<session_id>/runs")
 @requires("sessions:read")
 def get_session_runs(session_id: str) -> Response:
-    query = ONE_QUERY.load(request.args)
+    query = RUNS_QUERY.load(request.args)
     check_db(query)
     access = session_access(session_id, query)
     _agent_type(query, access)
     store = agentos().store
-    runs = agentos().sessions.session_runs(access)
-    return jsonify([session_run(run, store.read_events(run.run_id)) for run in runs])
+    runs = [run for run in agentos().sessions.session_runs(access)
+            if _within(run.created_at, query["created_after"], query["created_before"])]
+    return jsonify([session_run(run, every_event(store, run)) for run in runs])
 
 
 @bp.get("/sessions/<session_id>/runs/<run_id>")
@@ -127,7 +130,7 @@ def get_session_run(session_id: str, run_id: str) -> Response:
     access = session_access(session_id, query)
     _agent_type(query, access)
     run = agentos().sessions.session_run(access, run_id)
-    return jsonify(session_run(run, agentos().store.read_events(run.run_id)))
+    return jsonify(session_run(run, every_event(agentos().store, run)))
 
 
 @bp.delete("/sessions/<session_id>")
@@ -154,6 +157,11 @@ def delete_sessions() -> Response:
 # -- helpers ----------------------------------------------------------------------------------
 
 
+def every_event(store: RunStore, run: StoredRun) -> list[StoredEvent]:
+    """All of the run's events as it was read (never a truncated prefix)."""
+    return store.read_events(run.run_id, 0, max(run.last_seq, 1))
+
+
 def detail(session: StoredSession) -> dict[str, Any]:
     """The session with the chat history of its newest runs."""
     os = agentos()
@@ -168,6 +176,12 @@ def session_access(session_id: str, query: dict[str, Any]) -> SessionAccess:
     if owner is not None and query["user_id"] not in (None, owner):
         raise SessionNotFound(session_id)
     return SessionAccess(session_id, owner, None if owner is not None else query["user_id"])
+
+
+def _within(created_at: float, after: int | None, before: int | None) -> bool:
+    """The reference's window on a run's `created_at` (epoch seconds, ends included)."""
+    at = int(created_at)
+    return (after is None or at >= after) and (before is None or at <= before)
 
 
 def _user_filter(user_id: str | None) -> tuple[str | None, bool]:
