@@ -8,7 +8,9 @@ from statemachine.sqlite_store import SqliteRunStore
 
 def index_mentions(store, run_id: str, approval_ids: list[str] = ()) -> list[str]:
     """Every index entry (Redis: key and member; SQLite: table row) naming the run or one of
-    its approvals. Empty once retention has purged the run."""
+    its approvals. Empty once retention has purged the run. A wrapped store (the app's
+    ObservedStore) is looked at through to the store itself."""
+    store = getattr(store, "_store", store)
     if isinstance(store, SqliteRunStore):
         return _sqlite_mentions(store, run_id, approval_ids)
     assert isinstance(store, RedisRunStore)
