@@ -42,11 +42,17 @@ def cluster_ports(host: str, count: int) -> list[int]:
 
 @dataclass
 class RedisClusterNodes:
-    """Six redis-server processes joined into one cluster (3 primaries, 3 replicas)."""
+    """Six redis-server processes joined into one cluster (3 primaries, 3 replicas).
+
+    With `tls_cert` (a PEM that is its own CA, with its key beside it as `key.pem`) the
+    nodes speak TLS only, also on the cluster bus and for replication.
+    """
 
     host: str = "127.0.0.1"
     nodes: int = 6
+    replicas: int = 1
     node_timeout_ms: int = 1500
+    tls_cert: str | None = None
     extra: list[str] = field(default_factory=list)
     ports: list[int] = field(default_factory=list)
     processes: dict[int, subprocess.Popen] = field(default_factory=dict)
@@ -55,7 +61,20 @@ class RedisClusterNodes:
     @property
     def url(self) -> str:
         """Any one node: the client learns the rest from it."""
+        if self.tls_cert:
+            return f"rediss://{self.host}:{self.ports[0]}/0?ssl_ca_certs={self.tls_cert}"
         return f"redis://{self.host}:{self.ports[0]}/0"
+
+    def _tls_cli(self) -> list[str]:
+        return ["--tls", "--cacert", self.tls_cert] if self.tls_cert else []
+
+    def _tls_server(self, port: int) -> list[str]:
+        if not self.tls_cert:
+            return ["--port", str(port)]
+        key = os.path.join(os.path.dirname(self.tls_cert), "key.pem")
+        return ["--port", "0", "--tls-port", str(port), "--tls-cert-file", self.tls_cert,
+                "--tls-key-file", key, "--tls-ca-cert-file", self.tls_cert,
+                "--tls-auth-clients", "no", "--tls-cluster", "yes", "--tls-replication", "yes"]
 
     def start(self) -> RedisClusterNodes:
         if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
@@ -67,8 +86,9 @@ class RedisClusterNodes:
             wait_until(lambda p=port: self._cli(p, "PING") == "PONG", 10,
                        what=f"cluster node {port}")
         addresses = [f"{self.host}:{port}" for port in self.ports]
-        subprocess.run(["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas",
-                        "1", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        subprocess.run(["redis-cli", *self._tls_cli(), "--cluster", "create", *addresses,
+                        "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)
         wait_until(self.healthy, 30, interval=0.2, what="the cluster to be ok on every node")
         wait_until(self.replicas_synced, 30, interval=0.2, what="every replica to sync")
         return self
@@ -78,7 +98,7 @@ class RedisClusterNodes:
         directory = os.path.join(self.workdir, str(port))
         os.makedirs(directory, exist_ok=True)
         self.processes[port] = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", self.host, "--dir", directory,
+            ["redis-server", *self._tls_server(port), "--bind", self.host, "--dir", directory,
              "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
              "--cluster-node-timeout", str(self.node_timeout_ms), "--save", "",
              "--appendonly", "yes", "--appendfsync", "always", "--protected-mode", "no",
@@ -88,7 +108,8 @@ class RedisClusterNodes:
 
     def _cli(self, port: int, *command: str) -> str:
         try:
-            out = subprocess.run(["redis-cli", "-h", self.host, "-p", str(port), *command],
+            out = subprocess.run(["redis-cli", *self._tls_cli(), "-h", self.host, "-p",
+                                  str(port), *command],
                                  capture_output=True, text=True, timeout=5)
         except subprocess.TimeoutExpired:
             return ""
@@ -116,7 +137,7 @@ class RedisClusterNodes:
                 replicas += 1
                 if "master_link_status:up" not in info or "master_sync_in_progress:0" not in info:
                     return False
-        return replicas == self.nodes // 2
+        return replicas == self.nodes - self.nodes // (1 + self.replicas)
 
     def primaries(self) -> list[int]:
         """Ports of the nodes that are primaries now (as the first live node sees it)."""

@@ -19,6 +19,7 @@ from statemachine.errors import StoreUnavailable
 from statemachine.redis_store import RedisRunStore
 from statemachine.states import RunState
 from statemachine.store import RunQuery, StoredRun
+from tests.cluster import RedisClusterNodes
 from tests.servers import free_port, wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -125,3 +126,26 @@ def test_the_server_runs_on_a_tls_redis(tls_redis):
     finally:
         app.extensions["agentos"].executor.shutdown(wait=True)
         app.extensions["agentos"].store.close()
+
+
+def test_a_redis_cluster_over_tls(tls_redis):
+    """3 TLS-only primaries (cluster bus over TLS too), reached through one rediss:// URL."""
+    _, cert, _ = tls_redis
+    nodes = RedisClusterNodes(nodes=3, replicas=0, tls_cert=str(cert))
+    try:
+        nodes.start()
+        store = RedisRunStore(nodes.url, prefix="tls-cluster", cluster=True)
+        try:
+            now = time.time()
+            for index in range(20):  # spread over the three primaries' slots
+                store.create_run(StoredRun(
+                    run_id=f"tls-{index}", agent_id="a", session_id="s", user_id="u",
+                    state=RunState.PAUSED, version=1, created_at=now + index, updated_at=now,
+                    doc={"agent_id": "a"}, paused_at=now + index), [{"event": "RunPaused"}])
+            listed = store.list_runs(RunQuery(agent_id="a", user_id="u", limit=5))
+            assert [r.run_id for r in listed] == [f"tls-{i}" for i in range(19, 14, -1)]
+            assert store.runs_paused_before(now + 5, limit=3) == ["tls-0", "tls-1", "tls-2"]
+        finally:
+            store.close()
+    finally:
+        nodes.stop()
