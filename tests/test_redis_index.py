@@ -198,3 +198,29 @@ def test_a_shard_holding_more_than_its_share_is_read_further(store):
     newest = others[::-1] + ids[::-1]
     for offset, limit in ((0, 5), (20, 5), (28, 10), (31, 3)):
         assert listed(store, offset=offset, limit=limit) == newest[offset:offset + limit]
+
+
+def _calls(store, command: str) -> int:
+    stats = store.redis.info("commandstats").get(f"cmdstat_{command}", {})
+    return int(stats.get("calls", 0))
+
+
+def test_a_page_reads_the_page_not_the_index(redis_url, redis_prefix):
+    """300 runs with an approval each: a page of 2 reads 2 runs and 2 approvals, a count
+    reads none; what a listing reads does not grow with what is stored."""
+    store = RedisRunStore(redis_url, prefix=redis_prefix)
+    try:
+        t0 = time.time()
+        for index in range(300):
+            paused_with_approvals(store, now=t0 + index, user_id=f"u{index % 3}")
+        runs = _calls(store, "hgetall")
+        assert len(listed(store, user_id="u1", limit=2)) == 2
+        assert _calls(store, "hgetall") - runs == 2
+        approvals = _calls(store, "hgetall")
+        assert len(approvals_listed(store, status="pending", limit=2)[0]) == 2
+        assert _calls(store, "hgetall") - approvals == 2
+        counted = _calls(store, "hgetall")
+        assert store.count_pending_approvals("u2") == 100
+        assert _calls(store, "hgetall") == counted
+    finally:
+        store.close()
