@@ -168,9 +168,10 @@ end
 return 1
 """
 
-# KEYS: run hash, events, approvals to expire (ARGV[3] of them), then approvals to retain.
-# ARGV: expected version, now, number to expire, retention seconds. Deletes the run only at
-# the version its deletion was decided on, expiring its pending approvals in the same step.
+# KEYS: run hash, events, approvals to expire (ARGV[3] of them), approvals to retain, then the
+# run's outbox. ARGV: expected version, now, number to expire, retention seconds, then the
+# outbox tail. Deletes the run only at the version its deletion was decided on, expiring its
+# pending approvals and writing its notifications in the same step.
 DELETE_RUN = """
 local v = redis.call('HGET', KEYS[1], 'version')
 if not v then return -1 end
@@ -181,8 +182,16 @@ for i = 1, nexp do
     redis.call('HSET', KEYS[2 + i], 'status', 'expired', 'updated_at', ARGV[2])
   end
 end
-for i = 3 + nexp, #KEYS do redis.call('EXPIRE', KEYS[i], tonumber(ARGV[4])) end
+for i = 3 + nexp, #KEYS - 1 do redis.call('EXPIRE', KEYS[i], tonumber(ARGV[4])) end
 redis.call('DEL', KEYS[1], KEYS[2])
+-- outbox (issue 15): as in COMMIT
+local nout = tonumber(ARGV[#ARGV])
+local obase = #ARGV - 3 * nout - 1
+for i = 0, nout - 1 do
+  local id, at = ARGV[obase + 3 * i + 1], ARGV[obase + 3 * i + 3]
+  redis.call('HSET', KEYS[#KEYS], 'p:' .. id, ARGV[obase + 3 * i + 2], 'n:' .. id, at,
+    't:' .. id, 0, 'c:' .. id, at)
+end
 return 1
 """
 

@@ -707,9 +707,10 @@ class RedisRunStore:
         keys = [self.keys.run(rid), self.keys.events(rid)]
         keys += [self.keys.approval(rid, a) for a in removal.expire_approvals]
         keys += [self.keys.approval(rid, a) for a in removal.approval_ids]
-        out = self._delete_run(keys=keys, args=[
-            removal.expected_version, repr(now), len(removal.expire_approvals),
-            max(1, int(retain_seconds))])
+        args = [removal.expected_version, repr(now), len(removal.expire_approvals),
+                max(1, int(retain_seconds))]
+        entries = self._commit_entries(removal.as_commit(now))
+        out = self._delete_run(*self._with_outbox(rid, keys, args, entries))
         if out == -2:
             raise StaleRun(rid)
         self.redis.zrem(self.keys.session_runs(session_id), rid)

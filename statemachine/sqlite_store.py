@@ -647,6 +647,7 @@ class SqliteRunStore:
                 raise StaleRun(session_id)
             for removal in runs:
                 _remove_run(db, removal, now)
+                self._enqueue(db, commit_entries(removal.as_commit(now)) if self.outbox else [])
             db.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,))
 
     def _purge_deleted_runs(self, db: sqlite3.Connection, before: float) -> None:

@@ -207,7 +207,9 @@ class RunRemoval:
 
     `expire_approvals` are its pending approvals (a paused run is cancelled by the deletion);
     `approval_ids` all of its approvals, which outlive the run for `retain_seconds` so the
-    approvals queue still shows how they ended.
+    approvals queue still shows how they ended. `state` is the state the machine ended it
+    in and `events` what its end announces (a cancelled run's `RunCancelled`): they are not
+    stored, but become webhook notifications in the same step, as a commit's would.
     """
 
     run_id: str
@@ -215,6 +217,14 @@ class RunRemoval:
     expected_version: int
     expire_approvals: list[str] = field(default_factory=list)
     approval_ids: list[str] = field(default_factory=list)
+    state: RunState | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_commit(self, now: float) -> Commit:
+        """The deletion as the commit it stands for, for the outbox's `commit_entries`."""
+        return Commit(run_id=self.run_id, expected_version=self.expected_version,
+                      state=self.state or RunState.CANCELLED, doc={}, now=now,
+                      events=self.events)
 
 
 class RunStore(Protocol):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -225,3 +226,23 @@ def test_a_session_made_without_an_agent_is_listed_by_its_first_runs_agent(store
     assert store.get_session("early").agent_id == "agent-a"
     assert page(store, agent_id="agent-a") == (["later", "early"], 2)
     assert page(store, agent_id="agent-a", sort_by="updated_at") == (["early", "later"], 2)
+
+
+def test_a_deletion_announces_the_cancelled_run_in_the_same_step(store):
+    store.outbox = True
+    run, approval_ids = paused_with_approvals(store, session_id="s1")
+    store.create_session(session("s1", T0))
+    if isinstance(store, RedisRunStore):
+        store.redis.zadd(store.keys.session_runs("s1"), {run.run_id: T0})
+    now = time.time()
+    for entry in store.claim_outbox(now, now + 30):  # the pause's own notifications
+        store.settle_outbox(entry, delivered=True)
+    cancelled = {"event": "RunCancelled", "run_id": run.run_id, "reason": "session deleted"}
+    store.delete_session("s1", [RunRemoval(run.run_id, run.agent_id, run.version,
+                                           approval_ids, approval_ids, RunState.CANCELLED,
+                                           [cancelled])], now, 3600)
+    claimed = store.claim_outbox(time.time(), time.time() + 30)
+    assert [e.type for e in claimed] == ["run.cancelled"]
+    data = json.loads(claimed[0].payload)["data"]
+    assert (data["status"], data["reason"], data["run_id"]) == ("CANCELLED",
+                                                                "session deleted", run.run_id)

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from app.runtime.documents import new_id
+from app.runtime.documents import event, new_id
 from app.runtime.service import CAS_ATTEMPTS, RunService
 from statemachine.errors import InvalidTransition, RunNotFound, SessionNotFound, StaleRun
 from statemachine.machine import decide
@@ -30,6 +30,7 @@ from statemachine.store import (
 SESSION_RUNS_LIMIT = 1000
 HISTORY_RUNS_LIMIT = 100
 DELETE_RUNS_LIMIT = 10_000
+SESSION_DELETED = "session deleted"
 
 
 class SessionBusy(Exception):
@@ -165,12 +166,16 @@ class SessionService:
 
     @staticmethod
     def _removal(run: StoredRun) -> RunRemoval:
+        """The machine's verdict on one run; a run it moves (a paused one, cancelled) ends
+        with a `RunCancelled` that the deletion announces (webhooks), as a cancel would."""
         try:
-            decide(run.state, Trigger.DELETE, admin_pending=run.admin_pending)
+            state = decide(run.state, Trigger.DELETE, admin_pending=run.admin_pending)
         except InvalidTransition:
             raise SessionBusy(run.run_id) from None
         approval_ids = list(run.doc.get("_approval_ids", []))
+        ended = [] if state is run.state else [
+            event(run.doc, "RunCancelled", reason=SESSION_DELETED)]
         return RunRemoval(run_id=run.run_id, agent_id=run.agent_id,
                           expected_version=run.version,
                           expire_approvals=approval_ids if run.admin_pending else [],
-                          approval_ids=approval_ids)
+                          approval_ids=approval_ids, state=state, events=ended)
