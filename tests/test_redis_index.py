@@ -236,3 +236,35 @@ def test_a_page_reads_the_page_not_the_index(private_redis):
         assert _calls(store, "hgetall") == counted
     finally:
         store.close()
+
+
+def test_readers_racing_writers_never_lose_an_entry(store):
+    """While one thread moves 60 runs PAUSED -> CONTINUED, two others list both states as fast
+    as they can (removing every stale entry they meet); afterwards each run is listed under
+    its state, exactly once: no reader removed the hint of a commit on its way."""
+    import threading
+
+    t0 = time.time()
+    runs = [create(store, new_run(f"race-{i}", state=PAUSED, paused_at=t0, created_at=t0 + i))
+            for i in range(60)]
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            listed(store, states=frozenset({PAUSED}), limit=100)
+            listed(store, states=frozenset({CONTINUED}), limit=100)
+
+    readers = [threading.Thread(target=read) for _ in range(2)]
+    for reader in readers:
+        reader.start()
+    try:
+        for run in runs:
+            advance(store, run, CONTINUED, lease_owner="w1", lease_until=time.time() + 60)
+    finally:
+        done.set()
+        for reader in readers:
+            reader.join(10)
+    ids = [r.run_id for r in runs]
+    assert listed(store, states=frozenset({CONTINUED}), limit=100) == ids[::-1]
+    assert listed(store, states=frozenset({PAUSED}), limit=100) == []
+    assert listed(store, limit=100) == ids[::-1]
