@@ -11,6 +11,7 @@ from flask.json.provider import DefaultJSONProvider
 
 from app.config import load_settings
 from app.context import AgentOS
+from app.cors import enable_cors
 from app.errors import register_error_handlers
 from app.intake import BodyIntake
 from app.observability import ObservedStore, StoreGauges, count_slots, count_webhook, install
@@ -118,6 +119,7 @@ def _register(app: Flask) -> None:
         app.register_blueprint(blueprint)
     register_error_handlers(app)
     install(app)
+    enable_cors(app, app.config["AGENTOS"]["CORS_ORIGINS"])
 
     @app.before_request
     def _start_background() -> None:

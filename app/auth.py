@@ -20,6 +20,8 @@ from app.errors import ApiError
 MISSING_HEADER = "Authorization header required"
 INVALID_TOKEN = "Invalid authentication token"
 ADMIN_SCOPE = "admin"
+# The reference's own name for the admin scope: a token minted for an Agno deployment works.
+ADMIN_SCOPES = frozenset({ADMIN_SCOPE, "agent_os:admin"})
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,8 @@ class Identity:
 
     @property
     def is_admin(self) -> bool:
-        return self.kind == "admin-key" or (self.kind == "jwt" and ADMIN_SCOPE in self.scopes)
+        return self.kind == "admin-key" or (self.kind == "jwt" and
+                                            not ADMIN_SCOPES.isdisjoint(self.scopes))
 
     @property
     def owner(self) -> str | None:
@@ -41,7 +44,7 @@ class Identity:
         return self.user_id if self.kind == "jwt" and not self.is_admin else None
 
     def has_scope(self, scope: str) -> bool:
-        return self.kind != "jwt" or ADMIN_SCOPE in self.scopes or scope in self.scopes
+        return self.kind != "jwt" or self.is_admin or scope in self.scopes
 
 
 ANONYMOUS = Identity(kind="anonymous", subject="anonymous")

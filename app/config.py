@@ -42,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "WEBHOOK_POLL_SECONDS": 0.5,
     "LOG_FORMAT": "text",
     "METRICS_REQUIRE_AUTH": False,
+    "CORS_ORIGINS": None,
 }
 
 def flag(value: str) -> bool:

@@ -15,7 +15,7 @@ from werkzeug.exceptions import HTTPException
 
 from app.runtime.executor import ExecutorBusy, ShuttingDown
 from app.runtime.resolution import ToolInputError
-from app.runtime.service import AgentNotFound, ApprovalAwaitingContinue, IdempotencyMismatch
+from app.runtime.service import AgentNotFound, IdempotencyMismatch
 from app.runtime.sessions import SessionBusy, SessionTooLarge
 from statemachine.errors import (
     ApprovalAlreadyResolved,
@@ -126,9 +126,6 @@ HANDLERS: list[tuple[type[BaseException], Any]] = [
     (ToolInputError, lambda e: error_response(400, e.detail)),
     (ApprovalAlreadyResolved, lambda e: error_response(409, str(e))),
     (ApprovalStillPending, lambda e: error_response(409, str(e))),
-    (ApprovalAwaitingContinue, lambda e: error_response(
-        409, "Approval is resolved but its run has not been continued yet and cannot be "
-             "deleted")),
     (StaleRun, lambda e: error_response(409, "The run changed while this request was "
                                              "processed; read it again")),
     (StoreUnavailable, lambda e: error_response(

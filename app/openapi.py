@@ -84,6 +84,19 @@ def _json_list(schema: str, description: str) -> dict[str, Any]:
         "type": "array", "items": {"$ref": f"#/components/schemas/{schema}"}}}}}
 
 
+def _json_list_of(items: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": {
+        "type": "array", "items": items}}}}
+
+
+_IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key", "in": "header", "required": False,
+    "description": "Retry-safe key: the same key and body replay the first answer; another "
+                   "body with the same key is a 422",
+    "schema": {"type": "string", "minLength": 1, "maxLength": schemas.MAX_ID_LENGTH},
+}
+
+
 def _path_params(*names: str) -> list[dict[str, Any]]:
     return [{"name": n, "in": "path", "required": True,
              "schema": {"type": "string", "title": n.replace("_", " ").title()}} for n in names]
@@ -219,6 +232,14 @@ def _meta_paths() -> dict[str, dict[str, Any]]:
                                {200: _json("Health"), 503: _error(503)},
                                params=[{"name": "deep", "in": "query", "required": False,
                                         "schema": {"type": "string"}}], secure=False)},
+        "/config": {"get": _op("get_config", "AgentOS configuration", "Core",
+                               {200: _json("Config"), **_errors(401, 403)})},
+        "/teams": {"get": _op("get_teams", "List teams (always empty)", "Core",
+                              {200: _json_list_of({"type": "object"}, "No teams"),
+                               **_errors(401)})},
+        "/workflows": {"get": _op("get_workflows", "List workflows (always empty)", "Core",
+                                  {200: _json_list_of({"type": "object"}, "No workflows"),
+                                   **_errors(401)})},
         "/agents": {"get": _op("get_agents", "List agents", "Agents",
                                {200: _json_list("Agent", "The served agents"),
                                 **_errors(401, 403)})},
@@ -235,7 +256,7 @@ def _run_paths() -> dict[str, dict[str, Any]]:
             "post": _op("create_agent_run", "Create Agent Run", "Agents",
                         {200: _stream_or_run("The run, or its event stream"),
                          **_errors(401, 403, 404, 413, 422, 503)},
-                        params=_path_params("agent_id"),
+                        params=[*_path_params("agent_id"), _IDEMPOTENCY_KEY],
                         body=_form_body("Body_create_agent_run", required=True)),
             "get": _op("get_agent_runs", "List Agent Runs", "Agents",
                        {200: _json_list("Run", "Runs, newest first"),
@@ -354,6 +375,7 @@ _OUTPUT_SCHEMAS = {
     "ResolveApproval": schemas.ResolveApprovalSchema,
     "Count": schemas.CountSchema,
     "Agent": schemas.AgentSchema,
+    "Config": schemas.ConfigSchema,
     "Health": schemas.HealthSchema,
     "Root": schemas.RootSchema,
     "SessionSchema": schemas.SessionOutSchema,

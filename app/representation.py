@@ -7,7 +7,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from app.runtime.agent import Agent
-from app.runtime.documents import compact
+from app.runtime.documents import compact, requirements
+from statemachine.states import RunState
 from statemachine.store import Approval, StoredEvent, StoredRun, StoredSession
 
 APPROVAL_KEYS = (
@@ -23,7 +24,44 @@ def run_object(run: StoredRun, events: list[StoredEvent]) -> dict[str, Any]:
     body["status"] = run.state.wire_status
     body["updated_at"] = int(run.updated_at)
     body["events"] = [e.data for e in events]
+    if run.state is RunState.PAUSED:
+        body["requirements"] = requirements(run.run_id, run.doc["tools"])
     return compact(body)
+
+
+def agent_object(agent: Agent, db_id: str) -> dict[str, Any]:
+    """The reference's AgentResponse: its tools nested under `tools`, as Agno's client reads."""
+    return compact({
+        "id": agent.id,
+        "name": agent.display_name,
+        "db_id": db_id,
+        "description": agent.description,
+        "model": {"name": type(agent.model).__name__, "model": agent.model.id,
+                  "provider": agent.model.provider},
+        "tools": {"tools": [tool.describe() for tool in agent.tools]},
+    })
+
+
+def agent_summary(agent: Agent, db_id: str) -> dict[str, Any]:
+    """The reference's AgentSummaryResponse, as `/config` lists the agents."""
+    return compact({"id": agent.id, "name": agent.display_name,
+                    "description": agent.description, "db_id": db_id})
+
+
+def config_object(os_id: str, agents: list[Agent], db_id: str) -> dict[str, Any]:
+    """The reference's ConfigResponse: one database, which holds the sessions too."""
+    return {
+        "os_id": os_id,
+        "name": "AgentOS API",
+        "databases": [db_id],
+        "os_database": db_id,
+        "session": {"dbs": [{"db_id": db_id, "domain_config": {"display_name": "Sessions"},
+                             "tables": ["sessions"]}]},
+        "agents": [agent_summary(agent, db_id) for agent in agents],
+        "teams": [],
+        "workflows": [],
+        "interfaces": [],
+    }
 
 
 def approval_object(approval: Approval, run_status: str | None) -> dict[str, Any]:

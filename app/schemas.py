@@ -104,14 +104,37 @@ class InputSchema(Schema):
         unknown = EXCLUDE
 
 
-class ContinueFormSchema(InputSchema):
+class FormSchema(InputSchema):
+    """A form or query: unknown fields are ignored, and an empty optional value is absent.
+
+    The reference treats `session_id=` like no session_id (the Agno Agent UI sends it to start
+    a new chat), so an empty string in an optional field falls back to its default. JSON
+    objects (tool objects) keep their empty strings: `result: ""` is a result.
+    """
+
+    @pre_load
+    def _empty_means_absent(self, data: Any, **kwargs: Any) -> Any:
+        if not hasattr(data, "items"):
+            return data
+        return {name: value for name, value in _first_values(data)
+                if not (value == "" and name in self.fields and not self.fields[name].required)}
+
+
+def _first_values(data: Any) -> list[tuple[str, Any]]:
+    """A form's or query's fields, the first value of each (as marshmallow reads them)."""
+    if hasattr(data, "to_dict"):
+        return list(data.to_dict().items())
+    return list(data.items())
+
+
+class ContinueFormSchema(FormSchema):
     tools = fields.String(load_default="", validate=validate.Length(max=MAX_TOOLS_LENGTH))
     session_id = _id(allow_none=True, load_default=None)
     user_id = _id(allow_none=True, load_default=None)
     stream = FormBool(load_default=True)
 
 
-class CreateRunFormSchema(InputSchema):
+class CreateRunFormSchema(FormSchema):
     message = fields.String(required=True, validate=validate.Length(min=1,
                                                                     max=MAX_MESSAGE_LENGTH))
     stream = FormBool(load_default=True)
@@ -152,7 +175,7 @@ class ToolInputSchema(InputSchema):
     approval_id = fields.String(allow_none=True)
 
 
-class ListRunsQuerySchema(InputSchema):
+class ListRunsQuerySchema(FormSchema):
     session_id = _id(load_default=None)
     user_id = _id(load_default=None)
     status = fields.String(load_default=None, validate=validate.OneOf(WIRE_STATUSES))
@@ -160,27 +183,27 @@ class ListRunsQuerySchema(InputSchema):
     page = fields.Integer(load_default=1, validate=validate.Range(min=1, max=1_000_000))
 
 
-class GetRunQuerySchema(InputSchema):
+class GetRunQuerySchema(FormSchema):
     session_id = _id(load_default=None)
 
 
-class EventsQuerySchema(InputSchema):
+class EventsQuerySchema(FormSchema):
     last_event_id = fields.Integer(load_default=None,
                                    validate=validate.Range(min=0, max=MAX_EVENT_ID))
 
 
-class ApprovalsQuerySchema(InputSchema):
+class ApprovalsQuerySchema(FormSchema):
     status = fields.String(load_default=None, validate=validate.OneOf(
         ["pending", "approved", "rejected", "expired"]))
     agent_id = _id(load_default=None)
     user_id = _id(load_default=None)
     run_id = _id(load_default=None)
     session_id = _id(load_default=None)
-    limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
+    limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))
     page = fields.Integer(load_default=1, validate=validate.Range(min=1, max=1_000_000))
 
 
-class ApprovalCountQuerySchema(InputSchema):
+class ApprovalCountQuerySchema(FormSchema):
     user_id = _id(load_default=None)
 
 
@@ -254,6 +277,18 @@ class MessageSchema(Schema):
     created_at = fields.Integer()
 
 
+class RequirementSchema(Schema):
+    """The reference's RunRequirement.to_dict(): one per call a paused run waits on."""
+
+    id = fields.String()
+    created_at = fields.String(metadata={"description": "ISO 8601"})
+    tool_execution = fields.Nested(ToolExecutionSchema)
+    user_input_schema = fields.List(fields.Nested(UserInputFieldOutSchema))
+    confirmation = fields.Boolean()
+    confirmation_note = fields.String()
+    external_execution_result = fields.String()
+
+
 class RunSchema(Schema):
     run_id = fields.String()
     agent_id = fields.String()
@@ -273,6 +308,8 @@ class RunSchema(Schema):
     events = fields.List(fields.Dict())
     metrics = fields.Dict()
     session_state = fields.Dict()
+    requirements = fields.List(fields.Nested(RequirementSchema), metadata={
+        "description": "Only while PAUSED: one per call waiting now"})
 
 
 class ApprovalSchema(Schema):
@@ -328,11 +365,57 @@ class AgentToolSchema(Schema):
     requires_approval = fields.Boolean()
 
 
+class AgentModelSchema(Schema):
+    name = fields.String()
+    model = fields.String()
+    provider = fields.String()
+
+
+class AgentToolsSchema(Schema):
+    tools = fields.List(fields.Nested(AgentToolSchema))
+
+
 class AgentSchema(Schema):
+    """The reference's AgentResponse (the fields this server fills in)."""
+
+    id = fields.String()
+    name = fields.String()
+    db_id = fields.String()
+    description = fields.String(allow_none=True)
+    model = fields.Nested(AgentModelSchema)
+    tools = fields.Nested(AgentToolsSchema, metadata={
+        "description": "The tools, nested under `tools` as the reference nests them"})
+
+
+class AgentSummarySchema(Schema):
     id = fields.String()
     name = fields.String()
     description = fields.String(allow_none=True)
-    tools = fields.List(fields.Nested(AgentToolSchema))
+    db_id = fields.String()
+
+
+class DatabaseConfigSchema(Schema):
+    db_id = fields.String()
+    domain_config = fields.Dict()
+    tables = fields.List(fields.String())
+
+
+class SessionConfigSchema(Schema):
+    dbs = fields.List(fields.Nested(DatabaseConfigSchema))
+
+
+class ConfigSchema(Schema):
+    """The reference's ConfigResponse: one database, which also holds the sessions."""
+
+    os_id = fields.String()
+    name = fields.String()
+    os_database = fields.String()
+    databases = fields.List(fields.String())
+    session = fields.Nested(SessionConfigSchema)
+    agents = fields.List(fields.Nested(AgentSummarySchema))
+    teams = fields.List(fields.Dict(), metadata={"description": "Always empty"})
+    workflows = fields.List(fields.Dict(), metadata={"description": "Always empty"})
+    interfaces = fields.List(fields.Dict(), metadata={"description": "Always empty"})
 
 
 class HealthSchema(Schema):
@@ -359,14 +442,8 @@ def _path_id(**kwargs: Any) -> fields.String:
         PATH_ID, error="Only letters, digits, '-', '_', '.' and ':' are allowed.")], **kwargs)
 
 
-class SessionInputSchema(InputSchema):
+class SessionInputSchema(FormSchema):
     """An empty query value means the same as an absent one, as in the reference."""
-
-    @pre_load
-    def _drop_empty(self, data: Any, **kwargs: Any) -> Any:
-        if hasattr(data, "items"):
-            return {k: v for k, v in data.items() if v != ""}
-        return data
 
 
 class SessionQuerySchema(SessionInputSchema):

@@ -42,11 +42,14 @@ def follow(
     *,
     ping_seconds: float,
     max_seconds: float,
+    history_until: int = 0,
 ) -> Iterator[StoredEvent | None]:
     """Stored events after `after`, then live ones, until a terminal event (None = idle ping).
 
-    Ends early when the run is not executing and nothing is left to read (a paused or
-    finished run followed from its end), or when `max_seconds` have passed.
+    Events up to `history_until` (the run's last event when a resume was asked for) are
+    history: a terminal event among them does not end the stream, so a replay spans every
+    pause and continue. Ends early when the run is not executing and nothing is left to read
+    (a paused or finished run followed from its end), or when `max_seconds` have passed.
     """
     deadline = time.monotonic() + max_seconds
     quiet_since = time.monotonic()
@@ -63,7 +66,7 @@ def follow(
         for event in events:
             yield event
             after = event.seq
-            if event.name in TERMINAL_EVENTS:
+            if event.name in TERMINAL_EVENTS and event.seq > history_until:
                 return
         if events:
             quiet_since = time.monotonic()

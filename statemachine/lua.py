@@ -3,6 +3,10 @@
 COMMIT's KEYS: run hash, events stream, idempotency key, new approvals, approvals to expire,
 approvals to retain. ARGV 1-14 are scalars (see `RedisRunStore.commit`), then event JSONs, then
 new approval documents.
+CREATE's KEYS: run hash, events stream, idempotency key; ARGV: event count, the run's fields,
+the events, then the remembered outcome ('' for none) and its TTL. RESOLVE's ARGV: the
+expected version, status, resolution, time, the run's new document ('' keeps it), then the
+outbox tail.
 
 Return codes shared by the scripts: -1 run (or session) missing, -2 stale version (or a
 session that gained runs), -3 approval missing, -4 approval not pending (its status follows),
@@ -74,6 +78,9 @@ for i = 1, n do
   out[#out + 1] = i
 end
 redis.call('HSET', KEYS[1], 'last_seq', n)
+if ARGV[3 + n] and ARGV[3 + n] ~= '' then
+  redis.call('SET', KEYS[3], ARGV[3 + n], 'EX', tonumber(ARGV[4 + n]))
+end
 return out
 """
 
@@ -89,6 +96,7 @@ local pending = tonumber(redis.call('HGET', KEYS[1], 'pending_approvals') or '0'
 if pending < 0 then pending = 0 end
 redis.call('HSET', KEYS[1], 'version', tonumber(v) + 1, 'pending_approvals', pending,
   'updated_at', ARGV[4])
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'doc', ARGV[5]) end
 -- outbox (issue 15) ------------------------------------------------------------------
 -- The last key is the run's outbox hash; ARGV ends with <id, payload, time> triples and
 -- their count, so a notification is written exactly when the fact it announces is.

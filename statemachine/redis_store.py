@@ -50,6 +50,7 @@ from statemachine.store import (
     ApprovalQuery,
     Commit,
     CommitResult,
+    Remember,
     RunQuery,
     RunRemoval,
     SessionLink,
@@ -288,13 +289,15 @@ class RedisRunStore:
 
     @_guarded
     def create_run(self, run: StoredRun, events: list[dict[str, Any]],
-                   session: SessionLink | None = None) -> CommitResult:
+                   session: SessionLink | None = None,
+                   remember: Remember | None = None) -> CommitResult:
         """Store a new run at version 1 with its first events; the id must be new.
 
         The session is linked first, as a hint: its keys live in another Cluster slot than
         the run's, so one script cannot write both. A session whose run then failed to be
         stored keeps a run hint that reads drop (after RUN_HINT_GRACE_SECONDS) and may keep
         that run's message as its name; a run is never stored without its session.
+        `remember` (an Idempotency-Key's outcome) is written by the run's own script.
         """
         if session is not None:
             self._link(session, run.run_id)
@@ -314,8 +317,11 @@ class RedisRunStore:
             "lease_until": _num(run.lease_until),
             "paused_at": _num(run.paused_at),
         }
-        keys = [self.keys.run(run.run_id), self.keys.events(run.run_id)]
-        out = self._create(keys=keys, args=[len(events), dumps(fields), *map(dumps, events)])
+        keys = [self.keys.run(run.run_id), self.keys.events(run.run_id),
+                self.keys.idempotency(run.run_id, remember.key if remember else "-")]
+        out = self._create(keys=keys, args=[
+            len(events), dumps(fields), *map(dumps, events),
+            dumps(remember.value) if remember else "", remember.ttl if remember else 0])
         if out[0] == -5:
             raise StaleRun(f"run {run.run_id} already exists")
         return CommitResult(version=1, seqs=[int(s) for s in out[1:]])
@@ -464,8 +470,10 @@ class RedisRunStore:
         return self.index.count_pending(user_id)
 
     @_guarded
-    def resolve_approval(self, approval: Approval, expected_version: int, now: float):
-        """Compare-and-set pending -> approval.status and release the run's guard, atomically."""
+    def resolve_approval(self, approval: Approval, expected_version: int, now: float,
+                         run_doc: dict[str, Any] | None = None):
+        """Compare-and-set pending -> approval.status and release the run's guard, atomically;
+        `run_doc` (the run's document with the decision in it) is written in the same step."""
         resolution = {
             "resolution_data": approval.resolution_data,
             "resolved_by": approval.resolved_by,
@@ -475,7 +483,8 @@ class RedisRunStore:
                                                                   approval.approval_id)]
         self.index.hint_resolve(approval, expected_version)
         entries = [resolution_entry(approval, now)] if self.outbox else []
-        args = [expected_version, approval.status, dumps(resolution), repr(now)]
+        args = [expected_version, approval.status, dumps(resolution), repr(now),
+                "" if run_doc is None else dumps(run_doc)]
         out = self._resolve(*self._with_outbox(approval.run_id, keys, args, entries))
         result = resolve_outcome(out[0], approval, out[1] if len(out) > 1 else None)
         self.index.after_resolve(approval, result.version)

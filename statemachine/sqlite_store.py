@@ -38,6 +38,7 @@ from statemachine.store import (
     ApprovalQuery,
     Commit,
     CommitResult,
+    Remember,
     RunQuery,
     RunRemoval,
     SessionLink,
@@ -301,8 +302,10 @@ class SqliteRunStore:
 
     @_guarded
     def create_run(self, run: StoredRun, events: list[dict[str, Any]],
-                   session: SessionLink | None = None) -> CommitResult:
-        """Store a new run; its session is made or touched in the same transaction."""
+                   session: SessionLink | None = None,
+                   remember: Remember | None = None) -> CommitResult:
+        """Store a new run; its session is made or touched, and an Idempotency-Key's outcome
+        remembered, in the same transaction."""
         with self._write() as db:
             if session is not None:
                 _link_session(db, session)
@@ -317,6 +320,8 @@ class SqliteRunStore:
             except sqlite3.IntegrityError:
                 raise StaleRun(f"run {run.run_id} already exists") from None
             seqs = self._append_events(db, run.run_id, 0, events)
+            if remember is not None:
+                self._store_remembered(db, run.run_id, remember, run.created_at)
         return CommitResult(version=1, seqs=seqs)
 
     @staticmethod
@@ -365,15 +370,17 @@ class SqliteRunStore:
             )
         return CommitResult(version=commit.expected_version + 1, seqs=seqs)
 
+    def _remember(self, db: sqlite3.Connection, commit: Commit) -> None:
+        if commit.remember is not None:
+            self._store_remembered(db, commit.run_id, commit.remember, commit.now)
+
     @staticmethod
-    def _remember(db: sqlite3.Connection, commit: Commit) -> None:
-        if commit.remember is None:
-            return
+    def _store_remembered(db: sqlite3.Connection, run_id: str, remember: Remember,
+                          now: float) -> None:
         db.execute(
             "INSERT OR REPLACE INTO idempotency (scope, key, value, expires_at) "
             "VALUES (?, ?, ?, ?)",
-            (commit.run_id, commit.remember.key, dumps(commit.remember.value),
-             commit.now + commit.remember.ttl),
+            (run_id, remember.key, dumps(remember.value), now + remember.ttl),
         )
 
     @staticmethod
@@ -489,8 +496,10 @@ class SqliteRunStore:
                                     params).fetchone()[0]
 
     @_guarded
-    def resolve_approval(self, approval: Approval, expected_version: int, now: float):
-        """Compare-and-set pending -> approval.status and release the run's guard, atomically."""
+    def resolve_approval(self, approval: Approval, expected_version: int, now: float,
+                         run_doc: dict[str, Any] | None = None):
+        """Compare-and-set pending -> approval.status and release the run's guard, atomically;
+        `run_doc` (the run's document with the decision in it) is written in the same step."""
         resolution = dumps({
             "resolution_data": approval.resolution_data,
             "resolved_by": approval.resolved_by,
@@ -509,6 +518,9 @@ class SqliteRunStore:
                     "pending_approvals = MAX(pending_approvals - 1, 0) WHERE run_id = ?",
                     (now, approval.run_id),
                 )
+                if run_doc is not None:
+                    db.execute("UPDATE runs SET doc = ? WHERE run_id = ?",
+                               (dumps(run_doc), approval.run_id))
                 self._enqueue(db, [resolution_entry(approval, now)] if self.outbox else [])
         return resolve_outcome(code, approval, status)
 

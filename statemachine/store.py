@@ -233,7 +233,8 @@ class RunStore(Protocol):
     def ping(self) -> None: ...
 
     def create_run(self, run: StoredRun, events: list[dict[str, Any]],
-                   session: SessionLink | None = None) -> CommitResult: ...
+                   session: SessionLink | None = None,
+                   remember: Remember | None = None) -> CommitResult: ...
 
     def get_run(self, run_id: str) -> StoredRun: ...
 
@@ -258,7 +259,8 @@ class RunStore(Protocol):
     def count_pending_approvals(self, user_id: str | None = None) -> int: ...
 
     def resolve_approval(
-        self, approval: Approval, expected_version: int, now: float
+        self, approval: Approval, expected_version: int, now: float,
+        run_doc: dict[str, Any] | None = None,
     ) -> CommitResult: ...
 
     def delete_approval(self, approval_id: str) -> None: ...
@@ -295,6 +297,16 @@ class RunStore(Protocol):
     def count_paused_runs(self, limit: int = 10_000) -> int: ...
 
     def close(self) -> None: ...
+
+
+def read_all_events(store: RunStore, run_id: str, page: int = 1000) -> list[StoredEvent]:
+    """Every stored event of a run, read page by page (a run object is never truncated)."""
+    events: list[StoredEvent] = []
+    while True:
+        batch = store.read_events(run_id, events[-1].seq if events else 0, page)
+        events.extend(batch)
+        if len(batch) < page:
+            return events
 
 
 def run_matches(run: StoredRun, query: RunQuery) -> bool:

@@ -191,7 +191,8 @@ def test_list_runs_newest_first_with_filters(client):
         response = client.get("/agents/confirm-agent/runs", query_string=query)
         assert response.status_code == 200, query
         assert [r["run_id"] for r in response.json] == [r["run_id"] for r in expected], query
-        assert all(set(r) == RUN_KEYS for r in response.json)
+        assert all(set(r) == RUN_KEYS | ({"requirements"} if r["status"] == "PAUSED" else set())
+                   for r in response.json)
 
 
 @pytest.mark.parametrize("query", [{"limit": 0}, {"limit": 1001}, {"page": 0},
@@ -248,14 +249,16 @@ def test_list_agents(client):
                                          "input-agent", "approval-agent", "multi-agent",
                                          "pause-agent"]
     for agent in agents:
-        assert set(agent) == {"id", "name", "description", "tools"}
-        assert all(set(tool) == AGENT_TOOL_KEYS for tool in agent["tools"])
-    deploy = next(a for a in agents if a["id"] == "approval-agent")["tools"][0]
+        assert set(agent) - {"description"} == {"id", "name", "db_id", "model", "tools"}
+        assert set(agent["tools"]) == {"tools"}
+        assert all(set(tool) == AGENT_TOOL_KEYS for tool in agent["tools"]["tools"])
+        assert set(agent["model"]) == {"name", "model", "provider"}
+    deploy = next(a for a in agents if a["id"] == "approval-agent")["tools"]["tools"][0]
     assert deploy["name"] == "deploy_app"
     assert (deploy["requires_confirmation"], deploy["requires_approval"]) == (True, True)
     assert deploy["parameters"] == {"type": "object", "properties": {"app": {"type": "string"}},
                                     "required": ["app"]}
-    book = next(a for a in agents if a["id"] == "input-agent")["tools"][0]
+    book = next(a for a in agents if a["id"] == "input-agent")["tools"]["tools"][0]
     assert (book["requires_user_input"], book["requires_confirmation"]) == (True, False)
 
 
@@ -339,7 +342,11 @@ def test_a_500_never_carries_a_trace(app):
 
 def test_the_run_object(client):
     run = create(client, "confirm-agent", message="hello", user_id="u-1")
-    assert set(run) == RUN_KEYS
+    assert set(run) == RUN_KEYS | {"requirements"}
+    (requirement,) = run["requirements"]
+    assert set(requirement) == {"id", "created_at", "tool_execution"}
+    assert requirement["tool_execution"] == run["tools"][0]
+    assert datetime.fromisoformat(requirement["created_at"])
     assert (run["agent_id"], run["agent_name"], run["user_id"]) == (
         "confirm-agent", "confirm-agent", "u-1")
     assert (run["content_type"], run["model"], run["model_provider"]) == (

@@ -137,7 +137,7 @@ def test_pause_stores_a_pending_approval_with_every_key(client, paused):
 
     listing = client.get("/approvals")
     assert listing.status_code == 200
-    assert listing.json["meta"] == {"page": 1, "limit": 20, "total_pages": 1, "total_count": 1}
+    assert listing.json["meta"] == {"page": 1, "limit": 100, "total_pages": 1, "total_count": 1}
     (approval,) = listing.json["data"]
     assert list(approval) == list(APPROVAL_KEYS)
     assert approval == {
@@ -210,7 +210,7 @@ def test_list_filters_pages_and_orders_newest_first(client):
     assert _ids(client.get("/approvals?limit=2&page=3")) == []
 
 
-@pytest.mark.parametrize("query", ["limit=0", "limit=101", "page=0", "status=maybe"])
+@pytest.mark.parametrize("query", ["limit=0", "limit=1001", "page=0", "status=maybe"])
 def test_list_rejects_bad_query(client, query):
     answer = client.get(f"/approvals?{query}")
     assert_error(answer, 422, "Validation error", "VALIDATION_ERROR")
@@ -320,15 +320,18 @@ def test_pending_approval_cannot_be_deleted(client, paused, tool_log):
     assert tool_log() == []
 
 
-def test_resolved_approval_waits_for_its_continue_before_it_can_be_deleted(client, paused):
+@pytest.mark.parametrize("status, content", [("rejected", "Not deployed: Rejected by an admin"),
+                                             ("approved", "Deployed: deployed web")])
+def test_resolved_approval_deleted_before_the_continue_is_still_applied(client, paused,
+                                                                       status, content):
     approval_id = approval_id_of(paused)
-    assert resolve(client, approval_id, "rejected").status_code == 200
-    assert_error(client.delete(f"/approvals/{approval_id}"), 409,
-                 "Approval is resolved but its run has not been continued yet and cannot be "
-                 "deleted", "CONFLICT")
+    assert resolve(client, approval_id, status).status_code == 200
+    assert client.delete(f"/approvals/{approval_id}").status_code == 204
+    assert_error(client.get(f"/approvals/{approval_id}"), 404, "Approval not found",
+                 "NOT_FOUND")
     done = continue_run(client, paused, None)
     assert done.status_code == 200
-    assert done.json["content"] == "Not deployed: Rejected by an admin"
+    assert done.json["content"] == content
 
 
 def test_resolved_approval_can_be_deleted(client, paused):

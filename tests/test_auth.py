@@ -172,7 +172,7 @@ def test_deleting_a_rejection_never_lets_the_client_run_the_tool(client, mode, p
                                                                  tool_log):
     approval_id = approval_id_of(paused)
     assert resolve(client, approval_id, "rejected", headers=mode.admin).status_code == 200
-    assert client.delete(f"/approvals/{approval_id}", headers=mode.admin).status_code == 409
+    assert client.delete(f"/approvals/{approval_id}", headers=mode.admin).status_code == 204
     answer = continue_run(client, paused, decided(paused, True), headers=mode.user)
     assert answer.status_code == 200
     assert answer.json["content"] == "Not deployed: Rejected by an admin"

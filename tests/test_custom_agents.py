@@ -95,7 +95,7 @@ def test_the_example_module_is_served_and_pauses_for_confirmation(serve):
     client = serve(AGENTOS_AGENTS="examples.my_agents:agents")
     listed = client.get("/agents").json
     assert [a["id"] for a in listed] == ["refund-agent"]
-    (refund,) = listed[0]["tools"]
+    (refund,) = listed[0]["tools"]["tools"]
     assert (refund["name"], refund["requires_confirmation"]) == ("refund", True)
     assert refund["parameters"]["required"] == ["order_id", "amount"]
 

@@ -217,3 +217,20 @@ def test_the_document_and_the_docs_need_no_credentials(client):
         assert response.status_code == 200, url
         response.close()
     assert client.get("/agents").status_code == 401
+
+
+# Routes that are not API operations: the document itself, its docs page and their assets,
+# the operator page (HTML) and Prometheus' scrape (its text format).
+UNDOCUMENTED = {"/openapi.json", "/docs", "/docs/assets/{name}", "/static/{filename}",
+                "/console", "/metrics"}
+
+
+def test_every_served_route_is_described(app, document):
+    """The document cannot drift from the routes: each route and method is an operation."""
+    for rule in app.url_map.iter_rules():
+        path = re.sub(r"<(?:[^:>]+:)?([^>]+)>", r"{\1}", rule.rule)
+        if path in UNDOCUMENTED:
+            continue
+        assert path in document["paths"], path
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            assert method.lower() in document["paths"][path], (method, path)

@@ -472,17 +472,19 @@ class RunMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.runs)
     @rule(data=st.data(), extra=st.integers(0, 3))
     def resume_stream(self, data, extra: int) -> None:
-        """A resumed stream replays the stored events after Last-Event-ID up to a terminal."""
+        """A resumed stream replays every stored event after Last-Event-ID, across pauses,
+        then (only while the run executes) the live ones up to the next terminal event."""
         run_id = self.pick_run(data)
-        events = self.read_run(run_id).json["events"]
-        after = data.draw(st.integers(0, len(events) + extra))
+        stored = len(self.read_run(run_id).json["events"])
+        after = data.draw(st.integers(0, stored + extra))
         answer = self.call("GET", f"{self.run_url(run_id)}/events",
                            headers={"Last-Event-ID": str(after)})
         assert answer.status == 200
+        events = self.read_run(run_id).json["events"]
         expected = []
         for seq in range(after + 1, len(events) + 1):
             expected.append((seq, events[seq - 1]["event"]))
-            if events[seq - 1]["event"] in TERMINAL:
+            if seq > stored and events[seq - 1]["event"] in TERMINAL:
                 break
         assert [(f[0], f[1]) for f in answer.frames()] == expected
 

@@ -381,6 +381,32 @@ def test_resolve_approval_at_a_stale_version(store):
     assert store.get_approval(approval_id).status == "pending"
 
 
+def test_resolve_approval_writes_the_runs_document_in_the_same_step(store):
+    run, (approval_id,) = paused_with_approvals(store)
+    decided = {**run.doc, "_decisions": {approval_id: {"status": "approved"}}}
+    with pytest.raises(StaleRun):
+        store.resolve_approval(resolved(store, approval_id), run.version - 1, time.time(),
+                               run_doc=decided)
+    assert store.get_run(run.run_id).doc == run.doc
+    store.resolve_approval(resolved(store, approval_id), run.version, time.time(),
+                           run_doc=decided)
+    got = store.get_run(run.run_id)
+    assert (got.doc, got.version, got.admin_pending) == (decided, run.version + 1, False)
+    store.delete_approval(approval_id)
+    assert store.get_run(run.run_id).doc == decided
+
+
+def test_create_remembers_an_outcome_in_its_own_write(store):
+    run = new_run()
+    store.create_run(run, [ev("RunStarted")], remember=Remember("k1", {"after": 0}, 60))
+    assert store.recall(run.run_id, "k1") == {"after": 0}
+    assert store.recall(run.run_id, "k2") is None
+    with pytest.raises(StaleRun):
+        store.create_run(run, [ev("RunStarted")], remember=Remember("k2", {"after": 9}, 60))
+    assert store.recall(run.run_id, "k2") is None
+    assert [e.seq for e in store.read_events(run.run_id)] == [1]
+
+
 def test_resolve_an_unknown_approval_or_run(store):
     run, (approval_id,) = paused_with_approvals(store)
     unknown = approval(run, "nope")

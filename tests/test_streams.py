@@ -91,14 +91,8 @@ class Stream:
         return "".join(f.data["content"] for f in self.frames if f.event == "RunContent")
 
     def resumed_after(self, last_id: int) -> str:
-        """What a live stream delivered after `last_id`: up to the next terminal event."""
-        text = ""
-        for frame in self.frames:
-            if frame.id > last_id:
-                text += frame.raw
-                if frame.event in TERMINAL:
-                    break
-        return text
+        """What a resume after `last_id` of a stopped run replays: every later event."""
+        return "".join(frame.raw for frame in self.frames if frame.id > last_id)
 
 
 def parse(text: str) -> list[Frame]:
@@ -254,20 +248,22 @@ def test_a_continue_that_pauses_again_lists_only_the_calls_waiting_now(client):
 
 
 def test_resuming_returns_exactly_the_events_after_the_given_one(client):
-    """Each resume gives the bytes the live stream gave, up to that stream's terminal event."""
+    """Each resume gives the bytes the live streams gave after that id, across the pause."""
     created = create(client, "confirm-agent")
     continued = continue_stream(client, created, {"confirmed": True})
     run_id = created.terminal["run_id"]
     everything = Stream(created.frames + continued.frames, "", "")
     paused_id, last = created.frames[-1].id, continued.frames[-1].id
-    assert resume(client, run_id, "confirm-agent") == created.text
+    assert resume(client, run_id, "confirm-agent") == created.text + continued.text
+    assert [f.id for f in parse(resume(client, run_id, "confirm-agent"))] == list(
+        range(1, last + 1))
     assert resume(client, run_id, "confirm-agent", paused_id) == continued.text
     for after in (0, 1, 3, paused_id - 1, paused_id, paused_id + 2, last - 1):
         expected = everything.resumed_after(after)
         assert resume(client, run_id, "confirm-agent", after) == expected, after
         assert resume(client, run_id, "confirm-agent", after, as_query=True) == expected
     assert resume(client, run_id, "confirm-agent", last) == ""
-    assert client.get(created.location).get_data(as_text=True) == created.text
+    assert client.get(created.location).get_data(as_text=True) == everything.resumed_after(0)
     assert client.get(continued.location).get_data(as_text=True) == continued.text
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from app.runtime.models import Model
 from app.runtime.tools import Tool
@@ -34,15 +33,6 @@ class Agent:
 
     def tool(self, name: str) -> Tool | None:
         return next((t for t in self.tools if t.name == name), None)
-
-    def describe(self) -> dict[str, Any]:
-        """What `GET /agents` shows."""
-        return {
-            "id": self.id,
-            "name": self.display_name,
-            "description": self.description,
-            "tools": [t.describe() for t in self.tools],
-        }
 
 
 def load_agents(spec: str) -> dict[str, Agent]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from app.runtime.tools import CONFIRMATION, EXTERNAL_EXECUTION, USER_INPUT, Tool
@@ -84,6 +85,29 @@ def waiting_calls(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [obj for obj in tools if waiting_kind(obj) is not None]
 
 
+def requirements(run_id: str, tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One RunRequirement (the reference's `to_dict()` shape) per call waiting now.
+
+    Derived from the stored calls, never stored itself, so it cannot disagree with `tools`;
+    its id is a name-based uuid of (run, call): the same requirement keeps the same id.
+    """
+    return [_requirement(run_id, obj) for obj in waiting_calls(tools)]
+
+
+def _requirement(run_id: str, obj: dict[str, Any]) -> dict[str, Any]:
+    created = datetime.fromtimestamp(int(obj.get("created_at") or 0), UTC).isoformat()
+    requirement: dict[str, Any] = {
+        "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"agentos:{run_id}:{obj['tool_call_id']}")),
+        "created_at": created,
+        "tool_execution": {k: v for k, v in obj.items() if not k.startswith("_")},
+    }
+    if obj.get("user_input_schema") is not None:
+        requirement["user_input_schema"] = obj["user_input_schema"]
+    # confirmation, confirmation_note and external_execution_result are null while a call
+    # waits; the reference's to_dict() drops null keys, and so does this.
+    return requirement
+
+
 def pause_content(tools: list[dict[str, Any]]) -> str:
     """The paused run's `content`, naming every kind paused now."""
     kinds = frozenset(k for k in map(waiting_kind, tools) if k is not None)
@@ -134,8 +158,16 @@ def is_tool_object(value: Any) -> bool:
     return isinstance(value, dict) and "tool_call_id" in value and "tool_args" in value
 
 
+def is_user_input_field(value: Any) -> bool:
+    return isinstance(value, dict) and "name" in value and "field_type" in value
+
+
 def compact(value: Any) -> Any:
-    """Drop null-valued keys, except inside tool objects, where every key is always present."""
+    """Drop null-valued keys, except inside tool objects, where every key is always present,
+    and in user-input fields (a requirement's `user_input_schema`), which the reference's
+    client reads key by key."""
+    if is_user_input_field(value):
+        return dict(value)
     if is_tool_object(value):
         return {k: v for k, v in value.items() if not k.startswith("_")}
     if isinstance(value, dict):

@@ -16,6 +16,7 @@ from app.runtime.documents import (
     approval_doc,
     message,
     pause_content,
+    requirements,
     tool_message,
     tool_object,
     waiting_calls,
@@ -148,7 +149,8 @@ def pause(session: RunSession, new_objects: list[dict[str, Any]]) -> None:
     approvals = [_approval(session, obj) for obj in waiting if obj.get("approval_id")]
     events = [
         session.event("RunContentCompleted"),
-        session.event("RunPaused", content=content, tools=[_public(o) for o in waiting]),
+        session.event("RunPaused", content=content, tools=[_public(o) for o in waiting],
+                      requirements=requirements(session.run_id, waiting)),
     ]
     session.write(Trigger.PAUSE, events, approvals=approvals)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,7 @@ WORKER_SHUTDOWN = ("The worker executing this run shut down before the run finis
                    "stopped at its last committed step")
 PAUSE_EXPIRED = "pause expired"
 CANCELLED_BY_CLIENT = "cancelled by client"
+DECISIONS_KEY = "_decisions"  # approval id -> the admin's decision, inside the run's document
 
 
 class AgentNotFound(Exception):
@@ -115,30 +117,56 @@ class RunService:
     # -- create ---------------------------------------------------------------------------
 
     def create_run(self, agent_id: str, text: str, session_id: str | None,
-                   user_id: str | None, *, exclusive: bool = False) -> Started:
+                   user_id: str | None, idempotency: Idempotency | None = None,
+                   caller: str = "", *, exclusive: bool = False) -> Started:
         """Store a new RUNNING run with `RunStarted`, then execute it in the background.
 
         The run's session is made (or joined) by the store in the same write where it can
         (SQLite), else as a hint written just before (Redis, see `RedisRunStore.create_run`).
         `exclusive` (an authenticated user) refuses to join another user's session.
+
+        With an Idempotency-Key the run's id is named by (agent, caller, key), and the key's
+        outcome is remembered in the create's own write: a retry, even one racing the first
+        attempt, finds that run and replays its stream instead of making a second one.
         """
         agent = self.agent(agent_id)
-        run = self._new_run(agent, text, session_id or new_id(), user_id)
+        run_id = new_id() if idempotency is None else idempotent_run_id(
+            agent_id, caller, idempotency.key)
+        for _ in range(2):
+            replay = self._replay(run_id, idempotency)
+            if replay is not None:
+                return replay
+            try:
+                return self._create(agent, run_id, text, session_id, user_id, idempotency,
+                                    exclusive)
+            except StaleRun:
+                if idempotency is None:
+                    raise
+        raise IdempotencyMismatch(idempotency.key if idempotency else "")
+
+    def _create(self, agent: Agent, run_id: str, text: str, session_id: str | None,
+                user_id: str | None, idempotency: Idempotency | None,
+                exclusive: bool) -> Started:
+        run = self._new_run(agent, run_id, text, session_id or new_id(), user_id)
         started = event(run.doc, "RunStarted", model=agent.model.id,
                         model_provider=agent.model.provider)
+        remember = None if idempotency is None else Remember(
+            idempotency.key, {"fingerprint": idempotency.fingerprint, "after": 0},
+            idempotency.ttl)
         link = SessionLink(run.session_id, agent.id, user_id, text, run.created_at, exclusive)
         self.executor.reserve()
         try:
-            run.version = self.store.create_run(run, [started], session=link).version
+            run.version = self.store.create_run(run, [started], session=link,
+                                                remember=remember).version
         except BaseException:
             self.executor.release()
             raise
         self._execute(agent, run)
         return Started(run.run_id, after=0)
 
-    def _new_run(self, agent: Agent, text: str, session_id: str, user_id: str | None):
+    def _new_run(self, agent: Agent, run_id: str, text: str, session_id: str,
+                 user_id: str | None):
         now = time.time()
-        run_id = new_id()
         doc = {
             "run_id": run_id, "agent_id": agent.id, "agent_name": agent.display_name,
             "session_id": session_id, "user_id": user_id, "content": None,
@@ -218,13 +246,16 @@ class RunService:
         return run
 
     def _decided(self, run: StoredRun) -> dict[str, Approval]:
-        """Resolved approvals of the calls waiting now, by approval id."""
+        """The admins' decisions on the calls waiting now, by approval id, as the resolve
+        wrote them into the run (the approval record itself may have been deleted since)."""
+        decisions = run.doc.get(DECISIONS_KEY, {})
         decided = {}
         for obj in waiting_calls(run.doc["tools"]):
-            if obj.get("approval_id"):
-                approval = self.store.get_approval(obj["approval_id"])
-                if approval.status in ("approved", "rejected"):
-                    decided[approval.approval_id] = approval
+            found = decisions.get(obj.get("approval_id"))
+            if found is not None:
+                decided[obj["approval_id"]] = Approval(
+                    approval_id=obj["approval_id"], run_id=run.run_id, status=found["status"],
+                    doc={}, resolution_data=found.get("resolution_data"))
         return decided
 
     # -- cancel ---------------------------------------------------------------------------
@@ -363,32 +394,35 @@ class RunService:
             decide(run.state, Trigger.RESOLVE_APPROVAL)
             approval.status, approval.resolution_data = status, data
             approval.resolved_by, approval.resolved_at = resolved_by, epoch()
+            now = time.time()
             try:
-                self.store.resolve_approval(approval, run.version, time.time())
+                self.store.resolve_approval(approval, run.version, now,
+                                            run_doc=_with_decision(run.doc, approval, now))
             except StaleRun:
                 continue
             return self.store.get_approval(approval_id)
         raise StaleRun(approval_id)
 
     def delete_approval(self, approval_id: str) -> None:
-        """Delete a resolved approval, unless its paused run has yet to apply the decision."""
-        approval = self.store.get_approval(approval_id)
-        if approval.status != APPROVAL_PENDING and self._awaits_continue(approval):
-            raise ApprovalAwaitingContinue(approval_id)
+        """Delete a resolved approval: its decision lives on in the run (a pending one: 409)."""
         self.store.delete_approval(approval_id)
 
-    def _awaits_continue(self, approval: Approval) -> bool:
-        try:
-            run = self.store.get_run(approval.run_id)
-        except RunNotFound:
-            return False
-        return run.state is RunState.PAUSED and any(
-            obj.get("approval_id") == approval.approval_id
-            for obj in waiting_calls(run.doc["tools"]))
+
+def _with_decision(doc: dict[str, Any], approval: Approval, now: float) -> dict[str, Any]:
+    """The run's document with the admin's decision recorded, for the resolve's own write.
+
+    A later continue applies the decision from here, so deleting the approval loses nothing.
+    """
+    decisions = {**doc.get(DECISIONS_KEY, {}), approval.approval_id: {
+        "status": approval.status, "resolution_data": approval.resolution_data}}
+    return {**doc, DECISIONS_KEY: decisions, "updated_at": int(now)}
 
 
-class ApprovalAwaitingContinue(Exception):
-    """A resolved approval whose decision the paused run has not applied yet (HTTP 409)."""
+def idempotent_run_id(agent_id: str, caller: str, key: str) -> str:
+    """The id a create with this Idempotency-Key gets: the same for every retry of it, and
+    never the same for two callers (a JWT user's `sub` is part of the name)."""
+    name = "\x00".join(("agentos-create", agent_id, caller, key))
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, name))
 
 
 def _visible(run: StoredRun, access: RunAccess) -> bool:

@@ -13,6 +13,7 @@ from app.context import agentos
 from app.errors import error_response
 from app.observability import exposition
 from app.openapi import VERSION, build_openapi
+from app.representation import agent_object, config_object
 from statemachine.errors import StoreUnavailable
 
 bp = Blueprint("meta", __name__)
@@ -39,16 +40,39 @@ def health() -> Response:
     return jsonify({"status": "ok", "instantiated_at": agentos().instantiated_at})
 
 
+@bp.get("/config")
+@requires("system:read")
+def config() -> Response:
+    os = agentos()
+    return jsonify(config_object(os.settings["AGENTOS_ID"], list(os.agents.values()),
+                                 os.db_id))
+
+
 @bp.get("/agents")
 @requires("agents:read")
 def list_agents() -> Response:
-    return jsonify([agent.describe() for agent in agentos().agents.values()])
+    os = agentos()
+    return jsonify([agent_object(agent, os.db_id) for agent in os.agents.values()])
 
 
 @bp.get("/agents/<agent_id>")
 @requires("agents:read")
 def get_agent(agent_id: str) -> Response:
-    return jsonify(agentos().service.agent(agent_id).describe())
+    os = agentos()
+    return jsonify(agent_object(os.service.agent(agent_id), os.db_id))
+
+
+@bp.get("/teams")
+@requires()
+def list_teams() -> Response:
+    """This server serves agents only; the reference's clients still ask."""
+    return jsonify([])
+
+
+@bp.get("/workflows")
+@requires()
+def list_workflows() -> Response:
+    return jsonify([])
 
 
 @bp.get("/openapi.json")

@@ -29,7 +29,7 @@ from app.schemas import (
 from app.sse import HEADERS, MIMETYPE, follow, sse_body
 from statemachine import deadline
 from statemachine.states import states_for_wire_status
-from statemachine.store import RunQuery
+from statemachine.store import RunQuery, read_all_events
 
 bp = Blueprint("runs", __name__)
 
@@ -46,9 +46,11 @@ TOOL_LIST_LIMIT = 256
 @requires("agents:run")
 def create_run(agent_id: str) -> Response:
     form = CREATE_FORM.load(request.form)
-    user_id = identity().user_id or form["user_id"]
+    caller = identity()
+    user_id = caller.user_id or form["user_id"]
     started = agentos().service.create_run(agent_id, form["message"], form["session_id"],
-                                           user_id, exclusive=identity().owner is not None)
+                                           user_id, idempotency(form), caller.subject,
+                                           exclusive=caller.owner is not None)
     g.run_id = started.run_id  # for the request's log line (issue 15)
     return run_answer(agent_id, started, form["stream"])
 
@@ -75,7 +77,7 @@ def cancel_run(agent_id: str, run_id: str) -> Response:
 def get_run(agent_id: str, run_id: str) -> Response:
     query = GET_QUERY.load(request.args)
     run = agentos().service.visible_run(access(agent_id, run_id, query))
-    return jsonify(run_object(run, agentos().store.read_events(run.run_id)))
+    return jsonify(run_object(run, read_all_events(agentos().store, run.run_id)))
 
 
 @bp.get("/agents/<agent_id>/runs")
@@ -90,7 +92,7 @@ def list_runs(agent_id: str) -> Response:
     if owner and query["user_id"] not in (None, owner):
         runs = []
     store = agentos().store
-    return jsonify([run_object(run, store.read_events(run.run_id)) for run in runs])
+    return jsonify([run_object(run, read_all_events(store, run.run_id)) for run in runs])
 
 
 @bp.get("/agents/<agent_id>/runs/<run_id>/events")
@@ -99,7 +101,7 @@ def run_events(agent_id: str, run_id: str) -> Response:
     query = EVENTS_QUERY.load(request.args)
     after = last_event_id(query["last_event_id"])
     run = agentos().service.visible_run(access(agent_id, run_id, {}))
-    return stream_response(agent_id, run.run_id, after)
+    return stream_response(agent_id, run.run_id, after, history_until=run.last_seq)
 
 
 def access(agent_id: str, run_id: str, form: dict[str, Any]) -> RunAccess:
@@ -196,20 +198,24 @@ def run_answer(agent_id: str, started: Started, stream: bool) -> Response:
             pass
     with deadline.budget(os.settings["STORE_TIMEOUT_SECONDS"]):
         run = os.store.get_run(started.run_id)
-        return jsonify(run_object(run, os.store.read_events(run.run_id)))
+        return jsonify(run_object(run, read_all_events(os.store, run.run_id)))
 
 
-def stream_response(agent_id: str, run_id: str, after: int) -> Response:
-    """An SSE response; status and headers are fixed before the first event is read."""
+def stream_response(agent_id: str, run_id: str, after: int, history_until: int = 0) -> Response:
+    """An SSE response; status and headers are fixed before the first event is read.
+
+    A resume (`/events`) replays every stored event up to `history_until`, across pauses;
+    a create's or continue's stream ends at the first terminal event after `after`.
+    """
     location = url_for("runs.run_events", agent_id=agent_id, run_id=run_id,
                        last_event_id=after)
     headers = {**HEADERS, "Location": location}
-    return Response(sse_body(_follow(run_id, after)), status=200, content_type=MIMETYPE,
-                    headers=headers)
+    return Response(sse_body(_follow(run_id, after, history_until)), status=200,
+                    content_type=MIMETYPE, headers=headers)
 
 
-def _follow(run_id: str, after: int):
+def _follow(run_id: str, after: int, history_until: int = 0):
     os = agentos()
     return follow(os.store, run_id, after, os.service.current_state,
                   ping_seconds=os.settings["STREAM_PING_SECONDS"],
-                  max_seconds=os.settings["STREAM_MAX_SECONDS"])
+                  max_seconds=os.settings["STREAM_MAX_SECONDS"], history_until=history_until)
