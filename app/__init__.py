@@ -57,7 +57,8 @@ class _StrictJSON(DefaultJSONProvider):
 
 
 def build_store(settings: dict[str, Any]) -> RunStore:
-    """Redis when `REDIS_URL` is set (multi-host), else the embedded SQLite file."""
+    """Redis when `REDIS_URL` is set (multi-host; a Redis Cluster through any of its nodes
+    with `REDIS_CLUSTER`), else the embedded SQLite file."""
     timeout = settings["STORE_TIMEOUT_SECONDS"]
     outbox = bool(settings["WEBHOOK_URL"])
     if settings["REDIS_URL"]:
@@ -65,7 +66,9 @@ def build_store(settings: dict[str, Any]) -> RunStore:
 
         return RedisRunStore(settings["REDIS_URL"], prefix=settings["REDIS_KEY_PREFIX"],
                              socket_timeout=timeout, outbox=outbox,
-                             max_connections=settings["REDIS_MAX_CONNECTIONS"])
+                             max_connections=settings["REDIS_MAX_CONNECTIONS"],
+                             cluster=bool(settings["REDIS_CLUSTER"]),
+                             wait_replicas=settings["REDIS_WAIT_REPLICAS"])
     from statemachine.sqlite_store import SqliteRunStore
 
     return SqliteRunStore(settings["AGENTOS_DB"], busy_timeout=timeout, outbox=outbox)

@@ -14,6 +14,8 @@ DEFAULTS: dict[str, Any] = {
     "PORT": 7777,
     "REDIS_URL": None,
     "REDIS_KEY_PREFIX": "agentos",
+    "REDIS_CLUSTER": False,
+    "REDIS_WAIT_REPLICAS": 0,
     "AGENTOS_DB": "agentos.db",
     "STORE_TIMEOUT_SECONDS": 5.0,
     "OS_SECURITY_KEY": None,
@@ -43,8 +45,20 @@ DEFAULTS: dict[str, Any] = {
     "CORS_ORIGINS": None,
 }
 
+def flag(value: str) -> bool:
+    """A yes/no setting: 1/true/yes/on or 0/false/no/off (any case)."""
+    word = value.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
+
+
 _CASTS: dict[str, Any] = {
     "PORT": int,
+    "REDIS_CLUSTER": flag,
+    "REDIS_WAIT_REPLICAS": int,
     "STORE_TIMEOUT_SECONDS": float,
     "RUN_LEASE_SECONDS": float,
     "PAUSE_TTL_SECONDS": float,
@@ -94,6 +108,8 @@ def load_settings(overrides: Mapping[str, Any] | None = None,
                  "MAX_RUNS_PER_PROCESS", "REDIS_MAX_CONNECTIONS"):
         if settings[name] is None or settings[name] <= 0:
             raise ConfigError(f"{name} must be positive")
+    if settings["REDIS_WAIT_REPLICAS"] < 0:
+        raise ConfigError("REDIS_WAIT_REPLICAS must be 0 or more")
     if settings["JWT_ALGORITHM"] not in ("RS256", "HS256"):
         raise ConfigError("JWT_ALGORITHM must be RS256 or HS256")
     _check_observability(settings)

@@ -268,3 +268,35 @@ else
 end
 return 1
 """
+
+# Index scripts: every key they touch lives in one index shard (one `{idx-N}` slot).
+
+HINT = """
+-- KEYS[1] run-hinted hash, KEYS[2] run-identity hash, KEYS[3..] sorted sets.
+-- ARGV[1] run_id, ARGV[2] version hinted, ARGV[3] identity JSON ('' keeps it),
+-- then one (score, member) pair per sorted set; a score '@N' is the member's score in
+-- KEYS[N] (no entry when it has none there). A create's hint (one with an identity) adds
+-- only what is missing: a duplicate create must not move the entries of the run it lost to.
+local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if tonumber(ARGV[2]) > cur then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+if ARGV[3] ~= '' then redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[3]) end
+for i = 3, #KEYS do
+  local j = i - 2
+  local score, member = ARGV[2 + 2 * j], ARGV[3 + 2 * j]
+  if string.sub(score, 1, 1) == '@' then
+    score = redis.call('ZSCORE', KEYS[tonumber(string.sub(score, 2))], member)
+  end
+  if score and ARGV[3] ~= '' then redis.call('ZADD', KEYS[i], 'NX', score, member)
+  elseif score then redis.call('ZADD', KEYS[i], score, member) end
+end
+return 1
+"""
+
+UNHINT = """
+-- KEYS[1] run-hinted hash, KEYS[2..] sorted sets; ARGV[1] run_id, ARGV[2] the run version
+-- the caller saw, ARGV[3] the member. Removes nothing while a newer hint may be in flight.
+local hinted = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if hinted > tonumber(ARGV[2]) then return 0 end
+for i = 2, #KEYS do redis.call('ZREM', KEYS[i], ARGV[3]) end
+return 1
+"""

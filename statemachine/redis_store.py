@@ -2,18 +2,24 @@
 
 Scripts are sent with EVALSHA and reloaded on NOSCRIPT (redis-py's `Script` does both). Index
 keys (listing, sweeps) are written before the run's own atomic commit and checked against the
-run when read, so a crash between the two leaves a harmless hint, never a wrong answer.
+run when read, so a crash between the two leaves a harmless hint, never a wrong answer (see
+`redis_index`). With `cluster=True` the client is redis-py's `RedisCluster`: every script
+touches the keys of one slot, and pipelines hold only commands it can route one by one.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import redis
+from redis.cluster import RedisCluster
+from redis.connection import Encoder
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -29,17 +35,17 @@ from statemachine.errors import (
     StaleRun,
     StoreUnavailable,
 )
-from statemachine.keys import Keys
+from statemachine.keys import SHARDS, Keys, approval_member, shard_of
 from statemachine.outbox import (
     OUTBOX_SHARDS,
     OutboxEntry,
     commit_entries,
     resolution_entry,
-    shard_of,
 )
+from statemachine.outbox import shard_of as outbox_shard_of
+from statemachine.redis_index import Merge, RedisIndex, pipe_eval
 from statemachine.states import RunState
 from statemachine.store import (
-    APPROVAL_PENDING,
     SESSION_SORTS,
     Approval,
     ApprovalQuery,
@@ -53,17 +59,25 @@ from statemachine.store import (
     StoredEvent,
     StoredRun,
     StoredSession,
-    approval_matches,
     dumps,
     lease_lapsed,
     paused_before,
     resolve_outcome,
-    run_matches,
     session_matches,
 )
 
 T = TypeVar("T")
-_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, redis.exceptions.BusyLoadingError)
+log = logging.getLogger(__name__)
+_UNAVAILABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    redis.exceptions.BusyLoadingError,
+    # A cluster electing a new primary, or a slot with no node for a moment:
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.SlotNotCoveredError,
+    redis.exceptions.MasterDownError,
+)
 _SCAN_BATCH = 200
 # Answers of a server that cannot take the command now but will later: 503, never 500.
 # OOM is `maxmemory` reached with a no-eviction policy (scripts fail with it too).
@@ -147,7 +161,7 @@ def _run_from_hash(fields: dict[str, str]) -> StoredRun:
     )
 
 
-def _approval_from_hash(fields: dict[str, str]) -> Approval:
+def approval_from_hash(fields: dict[str, str]) -> Approval:
     doc = json.loads(fields["doc"])
     resolution = json.loads(fields["resolution"]) if fields.get("resolution") else {}
     return Approval(
@@ -166,8 +180,84 @@ def _num(value: float | None) -> str:
     return "" if value is None else repr(value)
 
 
+class _LazyCluster:
+    """A `RedisCluster` built on first use, not at start.
+
+    Building one reads the cluster's slot map, so it needs a reachable node; a server must
+    start (and answer 503) while the cluster is down or electing. Scripts registered on it
+    need only its encoder, which needs no connection.
+    """
+
+    def __init__(self, factory: Callable[[], RedisCluster]) -> None:
+        self._factory = factory
+        self._client: RedisCluster | None = None
+        self._lock = threading.Lock()
+
+    def get_encoder(self) -> Encoder:
+        return Encoder(encoding="utf-8", encoding_errors="strict", decode_responses=True)
+
+    def client(self) -> RedisCluster:
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    try:
+                        self._client = self._factory()
+                    except redis.exceptions.RedisClusterException as exc:
+                        raise RedisConnectionError(f"cluster unreachable: {exc}") from exc
+        return self._client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client(), name)
+
+    def close(self) -> None:
+        """Close the cluster client and every node's pool (its own `close` leaves the pools
+        of node clients open, and `WAIT` uses them directly)."""
+        if self._client is None:
+            return
+        nodes = self._client.get_nodes()
+        self._client.close()
+        for node in nodes:
+            if node.redis_connection is not None:
+                node.redis_connection.connection_pool.disconnect()
+
+
+def connect(url: str, *, cluster: bool, socket_timeout: float, max_connections: int) -> Any:
+    """The Redis client for `url` (`redis://`, `rediss://` with TLS, `unix://`; user and
+    password in the URL): one server, or with `cluster` a Redis Cluster reached through
+    any of its nodes. Timeouts bound every call; the pool is bounded."""
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": min(socket_timeout, 2.0),
+        "health_check_interval": 15,
+        "max_connections": max_connections,
+    }
+    if cluster:
+        return _LazyCluster(lambda: _bound_cluster(RedisCluster.from_url(url, **options)))
+    pool = redis.BlockingConnectionPool.from_url(url, timeout=socket_timeout, **options)
+    _bind_to_deadline(pool)
+    return redis.Redis(connection_pool=pool)
+
+
+def _bound_cluster(client: RedisCluster) -> RedisCluster:
+    """Bind every node's pool to the request deadline, now and for nodes found later (a
+    failover, a resharding): the cluster client makes node pools from these kwargs."""
+    kwargs = client.nodes_manager.connection_kwargs
+    base = kwargs.get("connection_class") or redis.Connection
+    if not issubclass(base, _DeadlineBound):
+        kwargs["connection_class"] = type(f"Deadline{base.__name__}", (_DeadlineBound, base), {})
+    for node in client.get_nodes():
+        if node.redis_connection is not None:
+            pool = node.redis_connection.connection_pool
+            pool.disconnect()
+            pool.connection_class = kwargs["connection_class"]
+            pool.connection_kwargs.pop("connection_class", None)
+    return client
+
+
 class RedisRunStore:
-    """RunStore on Redis; safe for any number of processes and hosts sharing one server."""
+    """RunStore on Redis; safe for any number of processes and hosts sharing one server or
+    one Redis Cluster."""
 
     def __init__(
         self,
@@ -176,21 +266,18 @@ class RedisRunStore:
         prefix: str = "agentos",
         socket_timeout: float = 5.0,
         max_connections: int = 64,
+        cluster: bool = False,
+        wait_replicas: int = 0,
         outbox: bool = False,
     ) -> None:
         self.keys = Keys(prefix)
         self.outbox = outbox
-        pool = redis.BlockingConnectionPool.from_url(
-            url,
-            decode_responses=True,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=min(socket_timeout, 2.0),
-            health_check_interval=15,
-            max_connections=max_connections,
-            timeout=socket_timeout,
-        )
-        _bind_to_deadline(pool)
-        self.redis = redis.Redis(connection_pool=pool)
+        self.cluster = cluster
+        self.wait_replicas = wait_replicas
+        self.wait_timeout = min(1.0, socket_timeout / 2)
+        self.redis = connect(url, cluster=cluster, socket_timeout=socket_timeout,
+                             max_connections=max_connections)
+        self.index = RedisIndex(self.redis, self.keys, _run_from_hash, approval_from_hash)
         self._block_cap = max(0.1, socket_timeout - 1.0)
         self._commit = self.redis.register_script(lua.COMMIT)
         self._create = self.redis.register_script(lua.CREATE)
@@ -227,10 +314,7 @@ class RedisRunStore:
         """
         if session is not None:
             self._link(session, run.run_id)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.zadd(self.keys.agent_runs(run.agent_id), {run.run_id: run.created_at}, nx=True)
-        self._hint_lifecycle(pipe, run.run_id, run.lease_until, run.paused_at)
-        pipe.execute()
+        self.index.hint_create(run)
         fields = {
             "run_id": run.run_id,
             "agent_id": run.agent_id,
@@ -266,7 +350,7 @@ class RedisRunStore:
     def commit(self, commit: Commit) -> CommitResult:
         """Apply `commit` atomically if the run is still at its expected version."""
         if commit.reindex:
-            self._hint_commit(commit)
+            self.index.hint_commit(commit)
         rid = commit.run_id
         remember = commit.remember
         keys = [self.keys.run(rid), self.keys.events(rid),
@@ -296,13 +380,19 @@ class RedisRunStore:
             *map(dumps, commit.events),
             *(dumps(a.doc) for a in commit.approvals),
         ]
-        out = self._commit(*self._with_outbox(rid, keys, args, self._commit_entries(commit)))
+        keys, args = self._with_outbox(rid, keys, args, self._commit_entries(commit))
+        out = self._replicated(keys, args) if commit.reindex else \
+            self._commit(keys=keys, args=args)
+        if out[0] < 0 and commit.reindex:
+            self.index.after_lost_commit(commit)
         if out[0] == -1:
             raise RunNotFound(rid)
         if out[0] == -2:
             raise StaleRun(rid)
         if out[0] == -7:
             raise CancelRequested(rid)
+        if commit.reindex:
+            self.index.after_commit(commit, int(out[0]))
         return CommitResult(version=int(out[0]), seqs=[int(s) for s in out[1:]])
 
     @_guarded
@@ -316,23 +406,34 @@ class RedisRunStore:
             raise StaleRun(run_id)
         return int(out)
 
-    def _hint_commit(self, commit: Commit) -> None:
-        """Index hints for the sweeps and listings, written before the commit they describe."""
-        pipe = self.redis.pipeline(transaction=False)
-        for approval in commit.approvals:
-            pipe.hset(self.keys.approval_runs(), approval.approval_id, commit.run_id)
-            pipe.zadd(self.keys.approvals_by_time(), {approval.approval_id: commit.now})
-        if commit.retain_seconds is not None:
-            pipe.zadd(self.keys.finished(), {commit.run_id: commit.now})
-        self._hint_lifecycle(pipe, commit.run_id, commit.lease_until, commit.paused_at)
-        pipe.execute()
+    def _replicated(self, keys: list[str], args: list[Any]) -> Any:
+        """COMMIT, then (with `wait_replicas`) WAIT on the same connection until that many
+        replicas have the write, for at most `wait_timeout` seconds.
 
-    def _hint_lifecycle(self, pipe: Any, run_id: str, lease_until: float | None,
-                        paused_at: float | None) -> None:
-        if lease_until is not None:
-            pipe.zadd(self.keys.executing(), {run_id: lease_until})
-        if paused_at is not None:
-            pipe.zadd(self.keys.paused(), {run_id: paused_at})
+        A state change (above all PAUSED -> CONTINUED, after which tools run) that only the
+        primary holds is lost if the primary dies before replicating it; the promoted replica
+        would let the run be continued a second time. Waiting closes that window whenever the
+        replicas keep up; when they do not, the write stands and the shortfall is logged (a
+        continue must not fail because a replica is slow)."""
+        if not self.wait_replicas:
+            return self._commit(keys=keys, args=args)
+        try:
+            pipe = self._node(keys[0]).pipeline(transaction=False)
+            self._commit(keys=keys, args=args, client=pipe)
+            pipe.execute_command("WAIT", self.wait_replicas, int(self.wait_timeout * 1000))
+            out, acked = pipe.execute()
+        except (redis.exceptions.MovedError, redis.exceptions.AskError):
+            return self._commit(keys=keys, args=args)  # refused unrun; the cluster client routes
+        if int(acked) < self.wait_replicas:
+            log.warning("commit on %s reached %s of %s replicas within %ss", keys[0], acked,
+                        self.wait_replicas, self.wait_timeout)
+        return out
+
+    def _node(self, key: str) -> Any:
+        """The client of the node that serves `key` (WAIT counts one connection's writes)."""
+        if not self.cluster:
+            return self.redis
+        return self.redis.get_redis_connection(self.redis.get_node_from_key(key))
 
     @_guarded
     def read_events(self, run_id: str, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
@@ -351,38 +452,8 @@ class RedisRunStore:
 
     @_guarded
     def list_runs(self, query: RunQuery) -> list[StoredRun]:
-        """Newest first; index entries whose run has expired are dropped on the way."""
-        index = self.keys.agent_runs(query.agent_id)
-        wanted, skipped, start = [], 0, 0
-        while len(wanted) < query.limit:
-            ids = self.redis.zrevrange(index, start, start + _SCAN_BATCH - 1)
-            if not ids:
-                break
-            start += len(ids)
-            for run in self._runs_by_id(index, ids):
-                if not run_matches(run, query):
-                    continue
-                if skipped < query.offset:
-                    skipped += 1
-                    continue
-                wanted.append(run)
-                if len(wanted) == query.limit:
-                    break
-        return wanted
-
-    def _runs_by_id(self, index: str, ids: list[str]) -> list[StoredRun]:
-        pipe = self.redis.pipeline(transaction=False)
-        for run_id in ids:
-            pipe.hgetall(self.keys.run(run_id))
-        runs, gone = [], []
-        for run_id, fields in zip(ids, pipe.execute(), strict=True):
-            if fields:
-                runs.append(_run_from_hash(fields))
-            else:
-                gone.append(run_id)
-        if gone:
-            self.redis.zrem(index, *gone)
-        return runs
+        """Newest first, from the index of the most selective filter (see `redis_index`)."""
+        return self.index.list_runs(query)
 
     # -- leases and sweeps --------------------------------------------------------------
 
@@ -391,39 +462,23 @@ class RedisRunStore:
         pipe = self.redis.pipeline(transaction=False)
         ids = list(run_ids)
         for run_id in ids:
-            self._renew(keys=[self.keys.run(run_id)], args=[owner, repr(until)], client=pipe)
-        if ids:
-            pipe.zadd(self.keys.executing(), dict.fromkeys(ids, until))
+            pipe_eval(pipe, lua.RENEW_LEASE, [self.keys.run(run_id)], [owner, repr(until)])
+        self.index.renew(ids, until, pipe)
         pipe.execute()
 
     @_guarded
     def runs_with_lapsed_lease(self, now: float, limit: int = 100) -> list[str]:
         """Runs whose lease hint lapsed; hints of runs no longer executing are dropped."""
-        return self._due(self.keys.executing(), now, limit, lease_lapsed)
+        return self.index.due("executing", now, limit, lease_lapsed)
 
     @_guarded
     def runs_paused_before(self, before: float, limit: int = 100) -> list[str]:
-        return self._due(self.keys.paused(), before, limit, paused_before)
-
-    def _due(self, index: str, bound: float, limit: int, still: Callable) -> list[str]:
-        ids = self.redis.zrangebyscore(index, "-inf", bound, start=0, num=limit)
-        due, stale = [], []
-        for run_id in ids:
-            try:
-                run = self.get_run(run_id)
-            except RunNotFound:
-                stale.append(run_id)
-                continue
-            (due if still(run, bound) else stale).append(run_id)
-        stale = [r for r in stale if r not in due]
-        if stale:
-            self.redis.zrem(index, *stale)
-        return due
+        return self.index.due("paused", before, limit, paused_before)
 
     # -- approvals ----------------------------------------------------------------------
 
     def _approval_key(self, approval_id: str) -> str:
-        run_id = self.redis.hget(self.keys.approval_runs(), approval_id)
+        run_id = self.redis.hget(self.keys.approval_runs(approval_id), approval_id)
         if not run_id:
             raise ApprovalNotFound(approval_id)
         return self.keys.approval(run_id, approval_id)
@@ -433,36 +488,15 @@ class RedisRunStore:
         fields = self.redis.hgetall(self._approval_key(approval_id))
         if not fields:
             raise ApprovalNotFound(approval_id)
-        return _approval_from_hash(fields)
+        return approval_from_hash(fields)
 
     @_guarded
     def list_approvals(self, query: ApprovalQuery) -> tuple[list[Approval], int]:
-        matching = [a for a in self._all_approvals() if approval_matches(a, query)]
-        return matching[query.offset : query.offset + query.limit], len(matching)
+        return self.index.list_approvals(query)
 
     @_guarded
     def count_pending_approvals(self, user_id: str | None = None) -> int:
-        query = ApprovalQuery(status=APPROVAL_PENDING, user_id=user_id)
-        return sum(1 for a in self._all_approvals() if approval_matches(a, query))
-
-    def _all_approvals(self) -> list[Approval]:
-        ids = self.redis.zrevrange(self.keys.approvals_by_time(), 0, -1)
-        runs = self.redis.hmget(self.keys.approval_runs(), ids) if ids else []
-        pipe = self.redis.pipeline(transaction=False)
-        for approval_id, run_id in zip(ids, runs, strict=True):
-            pipe.hgetall(self.keys.approval(run_id or "-", approval_id))
-        found, gone = [], []
-        for approval_id, fields in zip(ids, pipe.execute(), strict=True):
-            (found.append(_approval_from_hash(fields)) if fields else gone.append(approval_id))
-        if gone:
-            self._forget_approvals(gone)
-        return found
-
-    def _forget_approvals(self, approval_ids: list[str]) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.zrem(self.keys.approvals_by_time(), *approval_ids)
-        pipe.hdel(self.keys.approval_runs(), *approval_ids)
-        pipe.execute()
+        return self.index.count_pending(user_id)
 
     @_guarded
     def resolve_approval(self, approval: Approval, expected_version: int, now: float,
@@ -476,20 +510,29 @@ class RedisRunStore:
         }
         keys = [self.keys.run(approval.run_id), self.keys.approval(approval.run_id,
                                                                   approval.approval_id)]
+        self.index.hint_resolve(approval, expected_version)
         entries = [resolution_entry(approval, now)] if self.outbox else []
         args = [expected_version, approval.status, dumps(resolution), repr(now),
                 "" if run_doc is None else dumps(run_doc)]
         out = self._resolve(*self._with_outbox(approval.run_id, keys, args, entries))
-        return resolve_outcome(out[0], approval, out[1] if len(out) > 1 else None)
+        result = resolve_outcome(out[0], approval, out[1] if len(out) > 1 else None)
+        self.index.after_resolve(approval, result.version)
+        return result
 
     @_guarded
     def delete_approval(self, approval_id: str) -> None:
-        out = self._delete_approval(keys=[self._approval_key(approval_id)])
+        run_id = self.redis.hget(self.keys.approval_runs(approval_id), approval_id)
+        if not run_id:
+            raise ApprovalNotFound(approval_id)
+        out = self._delete_approval(keys=[self.keys.approval(run_id, approval_id)])
         if out == -3:
             raise ApprovalNotFound(approval_id)
         if out == -4:
             raise ApprovalStillPending()
-        self._forget_approvals([approval_id])
+        pipe = self.redis.pipeline(transaction=False)
+        self.index.forget_approval(pipe, approval_member(approval_id, run_id),
+                                   self.index.identity(run_id))
+        pipe.execute()
 
     # -- idempotency, retention ---------------------------------------------------------
 
@@ -501,26 +544,9 @@ class RedisRunStore:
 
     @_guarded
     def purge_finished(self, before: float) -> int:
-        """Drop index entries of runs finished before `before` (their keys expire by TTL)."""
-        ids = self.redis.zrangebyscore(self.keys.finished(), "-inf", before, start=0, num=1000)
-        if not ids:
-            return 0
-        pipe = self.redis.pipeline(transaction=False)
-        for run_id in ids:
-            pipe.hmget(self.keys.run(run_id), "agent_id", "state")
-        rows = pipe.execute()
-        pipe, purged = self.redis.pipeline(transaction=False), 0
-        for run_id, (agent_id, state) in zip(ids, rows, strict=True):
-            if state and not RunState(state).is_final:
-                continue  # the hint of a final commit that lost its compare-and-set
-            purged += 1
-            if agent_id:
-                pipe.zrem(self.keys.agent_runs(agent_id), run_id)
-            pipe.zrem(self.keys.executing(), run_id)
-            pipe.zrem(self.keys.paused(), run_id)
-        pipe.zrem(self.keys.finished(), *ids)
-        pipe.execute()
-        return purged
+        """Drop every index entry of runs finished before `before` (their keys expire by TTL,
+        before or after this runs)."""
+        return self.index.purge(before)
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -544,17 +570,19 @@ class RedisRunStore:
                        created_at: float) -> None:
         """The session's true creation time in its indexes (the hint had the run's time)."""
         pipe = self.redis.pipeline(transaction=False)
-        for key in self._index_keys("created_at", agent_id, user_id):
+        for key in self._index_keys(session_id, "created_at", agent_id, user_id):
             pipe.zadd(key, {session_id: created_at})
         pipe.execute()
 
-    def _index_keys(self, sort_by: str, agent_id: str | None,
+    def _index_keys(self, session_id: str, sort_by: str, agent_id: str | None,
                     user_id: str | None) -> list[str]:
-        """Every listing index a session with this agent and user belongs to."""
+        """Every listing index a session with this agent and user belongs to (all in the
+        session's index shard)."""
         scopes = [(None, None), (agent_id, None)] if agent_id else [(None, None)]
         if user_id is not None:
             scopes += [(a, user_id) for a, _ in scopes]
-        return [self.keys.sessions(sort_by, a, u) for a, u in scopes]
+        shard = shard_of(session_id)
+        return [self.keys.sessions(shard, sort_by, a, u) for a, u in scopes]
 
     def _hint_session(self, session_id: str, agent_id: str | None, user_id: str | None,
                       created_at: float | None, updated_at: float, new: bool = False) -> None:
@@ -562,9 +590,9 @@ class RedisRunStore:
         `updated_at` (only ever moving it forward; a `new` session's never replaces one)."""
         pipe = self.redis.pipeline(transaction=False)
         if created_at is not None:
-            for key in self._index_keys("created_at", agent_id, user_id):
+            for key in self._index_keys(session_id, "created_at", agent_id, user_id):
                 pipe.zadd(key, {session_id: created_at}, nx=True)
-        for key in self._index_keys("updated_at", agent_id, user_id):
+        for key in self._index_keys(session_id, "updated_at", agent_id, user_id):
             pipe.zadd(key, {session_id: updated_at}, nx=new, gt=not new)
         pipe.execute()
 
@@ -572,7 +600,8 @@ class RedisRunStore:
         """Put back the stored `updated_at` after a hint for a write that did not happen."""
         session = self.get_session(session_id)
         pipe = self.redis.pipeline(transaction=False)
-        for key in self._index_keys("updated_at", session.agent_id, session.user_id):
+        for key in self._index_keys(session_id, "updated_at", session.agent_id,
+                                    session.user_id):
             pipe.zadd(key, {session_id: session.updated_at}, xx=True)
         pipe.execute()
 
@@ -616,61 +645,59 @@ class RedisRunStore:
 
     @_guarded
     def list_sessions(self, query: SessionQuery) -> tuple[list[StoredSession], int]:
-        """A page read from the one index that holds exactly the filtered sessions.
+        """A page merged from the index shards that hold exactly the filtered sessions.
 
-        Without a name filter the page costs the page (plus any stale hints met on the
-        way, which are dropped) and the total is the index's size; a name filter reads the
-        index in order, at most NAME_SCAN_LIMIT entries, and counts the matches it saw.
+        Without a name filter the page costs the page (at most `offset + limit` entries of
+        each shard, plus any stale hints met on the way, which are dropped) and the total is
+        the indexes' size; a name filter reads them in order, at most NAME_SCAN_LIMIT
+        entries, and counts the matches it saw.
         """
         if query.sort_by not in SESSION_SORTS:
             raise ValueError(f"cannot sort sessions by {query.sort_by!r}")
-        index = self.keys.sessions(query.sort_by, query.agent_id, query.user_id)
+        indexes = [self.keys.sessions(shard, query.sort_by, query.agent_id, query.user_id)
+                   for shard in range(SHARDS)]
         if query.name_contains is None:
-            page = self._scan_sessions(index, query, query.offset, query.limit,
-                                       query.limit + _SCAN_BATCH)
-            return page, self.redis.zcard(index)
-        matches = self._scan_sessions(index, query, 0, NAME_SCAN_LIMIT, NAME_SCAN_LIMIT)
+            merge = Merge(self.redis, indexes, query.offset + query.limit, query.descending)
+            merge.take(query.offset)
+            page = self._scan_sessions(merge, query, query.limit, query.limit + _SCAN_BATCH)
+            pipe = self.redis.pipeline(transaction=False)
+            for index in indexes:
+                pipe.zcard(index)
+            return page, sum(pipe.execute())
+        merge = Merge(self.redis, indexes, _SCAN_BATCH, query.descending)
+        matches = self._scan_sessions(merge, query, NAME_SCAN_LIMIT, NAME_SCAN_LIMIT)
         return matches[query.offset:query.offset + query.limit], len(matches)
 
-    def _scan_sessions(self, index: str, query: SessionQuery, start: int, wanted: int,
+    def _scan_sessions(self, merge: Merge, query: SessionQuery, wanted: int,
                        budget: int) -> list[StoredSession]:
-        """Up to `wanted` sessions that still match, read from `start` in index order,
-        reading at most `budget` index entries."""
+        """Up to `wanted` sessions that still match, in index order, reading at most
+        `budget` index entries."""
         found: list[StoredSession] = []
         read = 0
         while len(found) < wanted and read < budget:
             count = min(_SCAN_BATCH, budget - read, max(wanted - len(found), 1))
-            ids = self._index_range(index, start + read, count, query.descending)
-            if not ids:
+            entries = merge.take(count)
+            if not entries:
                 break
-            read += len(ids)
-            found += [s for s in self._sessions_by_id(index, ids, query)
-                      if session_matches(s, query)]
+            read += len(entries)
+            found += [s for s in self._sessions_of(entries, query) if session_matches(s, query)]
         return found[:wanted]
 
-    def _index_range(self, index: str, start: int, count: int, descending: bool) -> list[str]:
-        end = start + count - 1
-        if descending:
-            return self.redis.zrevrange(index, start, end)
-        return self.redis.zrange(index, start, end)
-
-    def _sessions_by_id(self, index: str, ids: list[str],
-                        query: SessionQuery) -> list[StoredSession]:
+    def _sessions_of(self, entries: list[Any], query: SessionQuery) -> list[StoredSession]:
         """The sessions behind index entries; entries of gone sessions, or of sessions of
         another agent or user than the index's, are dropped from it."""
         pipe = self.redis.pipeline(transaction=False)
-        for session_id in ids:
-            pipe.hgetall(self.keys.session(session_id))
-        found, stale = [], []
+        for entry in entries:
+            pipe.hgetall(self.keys.session(entry.member))
+        found, stale = [], self.redis.pipeline(transaction=False)
         owner = SessionQuery(agent_id=query.agent_id, user_id=query.user_id)
-        for session_id, fields in zip(ids, pipe.execute(), strict=True):
+        for entry, fields in zip(entries, pipe.execute(), strict=True):
             session = _session_from_hash(fields) if fields else None
             if session is not None and session_matches(session, owner):
                 found.append(session)
             else:
-                stale.append(session_id)
-        if stale:
-            self.redis.zrem(index, *stale)
+                stale.zrem(entry.key, entry.member)
+        stale.execute()
         return found
 
     @_guarded
@@ -724,18 +751,15 @@ class RedisRunStore:
         out = self._delete_run(*self._with_outbox(rid, keys, args, entries))
         if out == -2:
             raise StaleRun(rid)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.zrem(self.keys.session_runs(session_id), rid)
-        pipe.zrem(self.keys.agent_runs(removal.agent_id), rid)
-        for index in (self.keys.executing(), self.keys.paused(), self.keys.finished()):
-            pipe.zrem(index, rid)
-        pipe.execute()
+        self.redis.zrem(self.keys.session_runs(session_id), rid)
+        self.index.deleted(rid, removal.expire_approvals, now)
 
     def _forget_session(self, session: StoredSession) -> None:
         """Drop the deleted session's listing hints (reads would drop them anyway)."""
         pipe = self.redis.pipeline(transaction=False)
         for sort_by in SESSION_SORTS:
-            for index in self._index_keys(sort_by, session.agent_id, session.user_id):
+            for index in self._index_keys(session.session_id, sort_by, session.agent_id,
+                                          session.user_id):
                 pipe.zrem(index, session.session_id)
         pipe.execute()
 
@@ -749,7 +773,7 @@ class RedisRunStore:
         """Append the outbox key and entries (the scripts' last key and ARGV tail); the
         shard hint goes first, like every index hint, and is verified when claimed."""
         if entries:
-            self.redis.zadd(self.keys.outbox_shard(shard_of(run_id)),
+            self.redis.zadd(self.keys.outbox_shard(outbox_shard_of(run_id)),
                             {run_id: entries[0].created_at})
         tail: list[Any] = []
         for entry in entries:
@@ -799,7 +823,7 @@ class RedisRunStore:
             pipe.hdel(key, *fields)
         pipe.execute()
         if retry_at is not None and not delivered:
-            self.redis.zadd(self.keys.outbox_shard(shard_of(entry.run_id)),
+            self.redis.zadd(self.keys.outbox_shard(outbox_shard_of(entry.run_id)),
                             {entry.run_id: retry_at}, lt=True)
 
     @_guarded
@@ -809,15 +833,22 @@ class RedisRunStore:
 
     @_guarded
     def count_paused_runs(self, limit: int = 10_000) -> int:
-        """Runs PAUSED now, checked against the runs behind the pause index (at most `limit`)."""
-        ids = self.redis.zrange(self.keys.paused(), 0, limit - 1)
+        """Runs PAUSED now, checked against the runs behind the pause index (at most `limit`,
+        read evenly from its shards)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for shard in range(SHARDS):
+            pipe.zrange(self.keys.paused(shard), 0, max(1, limit // SHARDS) - 1)
+        ids = [run_id for rows in pipe.execute() for run_id in rows]
         pipe = self.redis.pipeline(transaction=False)
         for run_id in ids:
             pipe.hget(self.keys.run(run_id), "state")
         return sum(1 for state in (pipe.execute() if ids else []) if state == "PAUSED")
 
     def close(self) -> None:
-        self.redis.connection_pool.disconnect()
+        if self.cluster:
+            self.redis.close()
+        else:
+            self.redis.connection_pool.disconnect()
 
 
 def _session_from_hash(fields: dict[str, str]) -> StoredSession:

@@ -47,7 +47,6 @@ from statemachine.store import (
     StoredEvent,
     StoredRun,
     StoredSession,
-    approval_matches,
     dumps,
     lease_lapsed,
     paused_before,
@@ -78,6 +77,9 @@ CREATE TABLE IF NOT EXISTS runs (
     commit_token TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_by_agent ON runs (agent_id, created_at DESC);
+CREATE INDEX IF NOT EXISTS runs_by_user ON runs (agent_id, user_id, created_at DESC);
+CREATE INDEX IF NOT EXISTS runs_by_agent_session ON runs (agent_id, session_id, created_at DESC);
+CREATE INDEX IF NOT EXISTS runs_by_state ON runs (agent_id, state, created_at DESC);
 CREATE INDEX IF NOT EXISTS runs_by_lease ON runs (lease_until) WHERE lease_until IS NOT NULL;
 CREATE INDEX IF NOT EXISTS runs_by_pause ON runs (paused_at) WHERE paused_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS runs_by_finish ON runs (finished_at) WHERE finished_at IS NOT NULL;
@@ -94,10 +96,19 @@ CREATE TABLE IF NOT EXISTS approvals (
     doc TEXT NOT NULL,
     resolution TEXT,
     created_at REAL NOT NULL,
-    updated_at REAL
+    updated_at REAL,
+    agent_id TEXT,
+    user_id TEXT,
+    session_id TEXT
 );
 CREATE INDEX IF NOT EXISTS approvals_by_time ON approvals (created_at DESC);
 CREATE INDEX IF NOT EXISTS approvals_by_run ON approvals (run_id);
+""" + "".join(
+    f"CREATE INDEX IF NOT EXISTS approvals_by_{column} ON approvals "
+    f"({column}, created_at DESC);\n"
+    for column in ("status", "agent_id", "user_id", "session_id")
+) + """
+CREATE INDEX IF NOT EXISTS approvals_pending_by_user ON approvals (status, user_id);
 CREATE INDEX IF NOT EXISTS runs_by_session ON runs (session_id, created_at);
 CREATE TABLE IF NOT EXISTS sessions (
     session_id TEXT PRIMARY KEY,
@@ -148,6 +159,10 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_at) WHERE failed_at IS NULL;
 """
+
+_APPROVAL_FILTERS = ("status", "agent_id", "user_id", "run_id", "session_id")
+_APPROVAL_COPIED = ("agent_id", "user_id", "session_id")
+"""Approval columns copied from its document when it is created, so that filters use indexes."""
 
 _RUN_COLUMNS = (
     "run_id, agent_id, session_id, user_id, state, version, created_at, updated_at, doc, "
@@ -230,8 +245,21 @@ class SqliteRunStore:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
-        self._connection().executescript(SCHEMA)
+        self._migrate(self._connection())
         self._add_missing_columns()
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
+        """Create the schema; a file from before the approvals' filter columns gets them,
+        filled from each approval's document, before the indexes on them are made."""
+        table = SCHEMA.split("CREATE INDEX IF NOT EXISTS approvals_by_status")[0]
+        db.executescript(table)
+        columns = {row[1] for row in db.execute("PRAGMA table_info(approvals)")}
+        for column in _APPROVAL_COPIED:
+            if column not in columns:
+                db.execute(f"ALTER TABLE approvals ADD COLUMN {column} TEXT")
+                db.execute(f"UPDATE approvals SET {column} = json_extract(doc, '$.{column}')")
+        db.executescript(SCHEMA)
 
     def _add_missing_columns(self) -> None:
         db = self._connection()
@@ -402,10 +430,10 @@ class SqliteRunStore:
     @staticmethod
     def _insert_approvals(db: sqlite3.Connection, commit: Commit) -> int:
         db.executemany(
-            "INSERT INTO approvals (approval_id, run_id, status, doc, created_at) "
-            "VALUES (?, ?, ?, ?, ?)",
-            [(a.approval_id, commit.run_id, APPROVAL_PENDING, dumps(a.doc),
-              commit.now) for a in commit.approvals],
+            "INSERT INTO approvals (approval_id, run_id, status, doc, created_at, agent_id, "
+            "user_id, session_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(a.approval_id, commit.run_id, APPROVAL_PENDING, dumps(a.doc), commit.now,
+              *(_text(a.doc.get(c)) for c in _APPROVAL_COPIED)) for a in commit.approvals],
         )
         return len(commit.approvals)
 
@@ -495,19 +523,21 @@ class SqliteRunStore:
 
     @_guarded
     def list_approvals(self, query: ApprovalQuery) -> tuple[list[Approval], int]:
-        rows = self._read().execute(
-            "SELECT * FROM approvals ORDER BY created_at DESC, approval_id DESC"
+        """A page through the filter columns' indexes, and the number that match."""
+        where, params = _approval_where(query)
+        db = self._read()
+        rows = db.execute(
+            f"SELECT * FROM approvals{where} ORDER BY created_at DESC, approval_id DESC "
+            "LIMIT ? OFFSET ?", (*params, query.limit, query.offset),
         ).fetchall()
-        matching = [a for a in map(_approval_from_row, rows) if approval_matches(a, query)]
-        return matching[query.offset : query.offset + query.limit], len(matching)
+        total = db.execute(f"SELECT COUNT(*) FROM approvals{where}", params).fetchone()[0]
+        return [_approval_from_row(row) for row in rows], total
 
     @_guarded
     def count_pending_approvals(self, user_id: str | None = None) -> int:
-        query = ApprovalQuery(status=APPROVAL_PENDING, user_id=user_id)
-        rows = self._read().execute(
-            "SELECT * FROM approvals WHERE status = ?", (APPROVAL_PENDING,)
-        ).fetchall()
-        return sum(1 for a in map(_approval_from_row, rows) if approval_matches(a, query))
+        where, params = _approval_where(ApprovalQuery(status=APPROVAL_PENDING, user_id=user_id))
+        return self._read().execute(f"SELECT COUNT(*) FROM approvals{where}",
+                                    params).fetchone()[0]
 
     @_guarded
     def resolve_approval(self, approval: Approval, expected_version: int, now: float,
@@ -753,6 +783,18 @@ class SqliteRunStore:
                 db.close()
             self._all.clear()
         self._local = threading.local()
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _approval_where(query: ApprovalQuery) -> tuple[str, list[str]]:
+    """` WHERE ...` over the filter columns the query sets (or nothing), and its values."""
+    given = [(c, getattr(query, c)) for c in _APPROVAL_FILTERS if getattr(query, c) is not None]
+    if not given:
+        return "", []
+    return " WHERE " + " AND ".join(f"{c} = ?" for c, _ in given), [v for _, v in given]
 
 
 # -- sessions -------------------------------------------------------------------------------

@@ -3,6 +3,11 @@
 Redis: `REDIS_URL` when set (each test gets its own key prefix, removed afterwards, so a
 shared server is never flushed); else a private redis-server started for the session; else
 the Redis tests skip with a loud reason, unless `REQUIRE_REDIS=1`, where they fail.
+
+Redis Cluster: a private 3-primary, 3-replica cluster started once for the session whenever
+redis-server exists (never a shared one), on the bridge of a `LabNetwork` when network
+namespaces can be made (so servers in those namespaces reach it as other hosts would), else
+on loopback.
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ import redis
 from app import create_app
 from statemachine.redis_store import RedisRunStore
 from statemachine.sqlite_store import SqliteRunStore
+from tests.cluster import LabNetwork, RedisClusterNodes
 from tests.servers import RedisServer
 
 STORE_KINDS = ["sqlite", "redis"]
+ALL_STORE_KINDS = ["sqlite", "redis", "redis-cluster"]
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +46,61 @@ def redis_url() -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+def _no_redis(what: str) -> None:
+    reason = f"{what} tests SKIPPED: no redis-server binary on PATH"
+    if os.environ.get("REQUIRE_REDIS") == "1":
+        pytest.fail(reason.replace("SKIPPED", "REQUIRED but unavailable"))
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def lab_network() -> Iterator[LabNetwork | str]:
+    """Two "hosts" (network namespaces on a bridge), or the reason they cannot be made."""
+    try:
+        network = LabNetwork().open()
+    except OSError as exc:
+        yield str(exc)
+        return
+    try:
+        yield network
+    finally:
+        network.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(lab_network) -> Iterator[RedisClusterNodes]:
+    """A private Redis Cluster for the whole session (3 primaries + 3 replicas, AOF)."""
+    host = lab_network.gateway if isinstance(lab_network, LabNetwork) else "127.0.0.1"
+    nodes = RedisClusterNodes(host=host)
+    try:
+        nodes.start()
+    except FileNotFoundError:
+        nodes.stop()
+        _no_redis("Redis Cluster")
+    try:
+        yield nodes
+    finally:
+        nodes.stop()
+
+
+@pytest.fixture
+def cluster_prefix(redis_cluster: RedisClusterNodes) -> Iterator[str]:
+    prefix = f"agentos-test-{uuid.uuid4().hex[:12]}"
+    yield prefix
+    drop_cluster_prefix(redis_cluster, prefix)
+
+
+def drop_cluster_prefix(nodes: RedisClusterNodes, prefix: str) -> None:
+    """Delete the keys under `prefix` on every primary (each key lives on one)."""
+    for port in nodes.primaries():
+        client = redis.Redis(host=nodes.host, port=port)
+        try:
+            for key in list(client.scan_iter(match=f"{prefix}:*", count=1000)):
+                client.delete(key)
+        finally:
+            client.close()
 
 
 def _drop_prefix(url: str, prefix: str) -> None:
@@ -61,6 +123,10 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
 def make_store(kind: str, request: pytest.FixtureRequest, tmp_path):
     if kind == "sqlite":
         return SqliteRunStore(str(tmp_path / "runs.db"))
+    if kind == "redis-cluster":
+        nodes = request.getfixturevalue("redis_cluster")
+        prefix = request.getfixturevalue("cluster_prefix")
+        return RedisRunStore(nodes.url, prefix=prefix, cluster=True)
     url = request.getfixturevalue("redis_url")
     prefix = request.getfixturevalue("redis_prefix")
     return RedisRunStore(url, prefix=prefix)

@@ -94,6 +94,7 @@ class Gunicorn:
 
     The server's settings come from `env` alone: none is inherited from the test process (a
     CI's REDIS_URL must not turn an embedded-store server into one on the shared Redis).
+    With `netns` it runs inside that network namespace (another "host"), bound to `host`.
     """
 
     env: dict[str, str]
@@ -101,21 +102,24 @@ class Gunicorn:
     threads: int = 8
     app_spec: str = "wsgi:app"
     port: int = field(default_factory=free_port)
+    host: str = "127.0.0.1"
+    netns: str | None = None
     process: subprocess.Popen | None = None
     log_path: str = field(default_factory=lambda: tempfile.mktemp(prefix="gunicorn-",
                                                                    suffix=".log"))
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self, timeout: float = 30) -> Gunicorn:
         inherited = {k: v for k, v in os.environ.items() if k not in DEFAULTS}
-        env = {**inherited, **self.env, "HOST": "127.0.0.1", "PORT": str(self.port),
+        env = {**inherited, **self.env, "HOST": self.host, "PORT": str(self.port),
                "WEB_CONCURRENCY": str(self.workers), "GUNICORN_THREADS": str(self.threads)}
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        inside = ["ip", "netns", "exec", self.netns] if self.netns else []
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", self.app_spec],
+            [*inside, sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", self.app_spec],
             cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from tests.indexes import index_mentions
 from tests.servers import wait_until
 
 
@@ -118,11 +119,14 @@ def test_cancel_stops_an_executing_run_at_its_next_step(client, monkeypatch, tmp
     assert again.json["detail"] == "run is already cancelled"
 
 
-def test_finished_runs_are_purged_after_retention(client):
+def test_finished_runs_are_purged_after_retention(app, client):
     run = create(client, "chat-agent")
     assert run["status"] == "COMPLETED"
     wait_until(lambda: get_run(client, "chat-agent", run["run_id"]).status_code == 404,
                timeout=10, what="retention to purge the run")
+    store = app.extensions["agentos"].store
+    wait_until(lambda: index_mentions(store, run["run_id"]) == [], timeout=10,
+               what="retention to remove every index entry of the run")
     assert client.get("/agents/chat-agent/runs").json == []
 
 

@@ -15,6 +15,7 @@ from statemachine.errors import (
     SessionOwnedElsewhere,
     StaleRun,
 )
+from statemachine.keys import shard_of
 from statemachine.redis_store import RUN_HINT_GRACE_SECONDS, RedisRunStore
 from statemachine.states import RunState
 from statemachine.store import (
@@ -23,7 +24,14 @@ from statemachine.store import (
     SessionQuery,
     StoredSession,
 )
+from tests.conftest import ALL_STORE_KINDS
 from tests.test_store_contract import advance, ev, new_run, paused_with_approvals
+
+
+@pytest.fixture(params=ALL_STORE_KINDS)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """Sessions hold on SQLite, one Redis server and a Redis Cluster alike."""
+    return request.param
 
 T0 = 1_700_000_000.0
 
@@ -176,10 +184,11 @@ def test_redis_keeps_a_fresh_run_hint_and_drops_an_old_dead_one(request, tmp_pat
                                  old: time.time() - RUN_HINT_GRACE_SECONDS - 1})
         assert [r.run_id for r in store.session_runs("s1")] == [run.run_id]
         assert set(store.redis.zrange(index, 0, -1)) == {run.run_id, fresh}
-        store.redis.zadd(store.keys.sessions("created_at"), {"ghost": T0})
+        ghost_index = store.keys.sessions(shard_of("ghost"), "created_at")
+        store.redis.zadd(ghost_index, {"ghost": T0})
         assert page(store, limit=1) == (["s1"], 2)  # a hint counts until a read meets it
         assert page(store) == (["s1"], 1)
-        assert store.redis.zscore(store.keys.sessions("created_at"), "ghost") is None
+        assert store.redis.zscore(ghost_index, "ghost") is None
     finally:
         store.close()
 

@@ -29,11 +29,19 @@ from statemachine.store import (
     RunQuery,
     StoredRun,
 )
+from tests.conftest import ALL_STORE_KINDS
+from tests.indexes import index_mentions
 from tests.servers import free_port, wait_until
 
 AGENT = "agent-a"
 RUNNING, PAUSED, CONTINUED = RunState.RUNNING, RunState.PAUSED, RunState.CONTINUED
 COMPLETED, CANCELLED = RunState.COMPLETED, RunState.CANCELLED
+
+
+@pytest.fixture(params=ALL_STORE_KINDS)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """The contract holds on SQLite, one Redis server and a Redis Cluster alike."""
+    return request.param
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -535,11 +543,30 @@ def test_purge_finished(store, store_kind):
     assert store.purge_finished(finished_at + 1) == 1
     assert listed(store) == [alive.run_id]
     assert store.purge_finished(finished_at + 1) == 0
-    if store_kind == "redis":
+    if store_kind.startswith("redis"):
         assert_expiring(store, run.run_id, approval_id, alive.run_id)
     else:
         assert_deleted(store, run.run_id, approval_id)
     assert store.get_run(alive.run_id).state is PAUSED
+
+
+def test_purge_removes_every_index_entry_even_after_the_ttl(store, store_kind):
+    """Retention leaves nothing behind, also when the TTL took the run's own keys first (on
+    Redis the run hash is gone before purge runs, and purge must still find every entry)."""
+    run, (first, second) = paused_with_approvals(store, 2, user_id="u1")
+    resolve(store, first)
+    run = store.get_run(run.run_id)
+    finished_at = time.time()
+    advance(store, run, CANCELLED, ev("RunCancelled"), now=finished_at, approval_ids=[first,
+            second], expire_approvals=[second], retain_seconds=1)
+    assert index_mentions(store, run.run_id, [first, second])
+    if store_kind != "sqlite":
+        wait_until(lambda: not store.redis.exists(store.keys.run(run.run_id)), 5,
+                   interval=0.1, what="the TTL to remove the run hash")
+    assert store.purge_finished(finished_at + 1) == 1
+    assert index_mentions(store, run.run_id, [first, second]) == []
+    assert listed(store) == [] and approvals_listed(store) == ([], 0)
+    assert store.count_pending_approvals() == 0
 
 
 def test_purge_keeps_a_run_whose_final_commit_lost(store):

@@ -26,8 +26,15 @@ from statemachine.errors import StaleRun
 from statemachine.outbox import APPROVAL_CREATED, APPROVAL_RESOLVED
 from statemachine.states import RunState
 from statemachine.store import Approval, Commit
+from tests.conftest import ALL_STORE_KINDS
 from tests.servers import Gunicorn, wait_until
 from tests.test_store_contract import create, ev, new_run
+
+
+@pytest.fixture(params=ALL_STORE_KINDS)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """The outbox holds on SQLite, one Redis server and a Redis Cluster alike."""
+    return request.param
 
 SECRET = "whsec_" + base64.b64encode(b"a test secret of 32 bytes length").decode()
 
