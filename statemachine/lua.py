@@ -16,6 +16,21 @@ already exists, -6 session owned by another user, -7 a cancel request is recorde
 the run.
 """
 
+# The outbox block that COMMIT and RESOLVE share (issue 15).
+OUTBOX_TAIL = """
+-- outbox (issue 15) ------------------------------------------------------------------
+-- The last key is the run's outbox hash; ARGV ends with <id, payload, time> triples and
+-- their count, so a notification is written exactly when the fact it announces is.
+local nout = tonumber(ARGV[#ARGV])
+local obase = #ARGV - 3 * nout - 1
+for i = 0, nout - 1 do
+  local id, at = ARGV[obase + 3 * i + 1], ARGV[obase + 3 * i + 3]
+  redis.call('HSET', KEYS[#KEYS], 'p:' .. id, ARGV[obase + 3 * i + 2], 'n:' .. id, at,
+    't:' .. id, 0, 'c:' .. id, at)
+end
+-- end outbox ------------------------------------------------------------------------------
+"""
+
 COMMIT = """
 local v = redis.call('HGET', KEYS[1], 'version')
 if not v then return {-1} end
@@ -62,18 +77,7 @@ end
 if ARGV[13] ~= '' then
   redis.call('SET', KEYS[3], ARGV[13], 'EX', tonumber(ARGV[14]))
 end
--- outbox (issue 15) ------------------------------------------------------------------
--- The last key is the run's outbox hash; ARGV ends with <id, payload, time> triples and
--- their count, so a notification is written exactly when the fact it announces is.
-local nout = tonumber(ARGV[#ARGV])
-local obase = #ARGV - 3 * nout - 1
-for i = 0, nout - 1 do
-  local id, at = ARGV[obase + 3 * i + 1], ARGV[obase + 3 * i + 3]
-  redis.call('HSET', KEYS[#KEYS], 'p:' .. id, ARGV[obase + 3 * i + 2], 'n:' .. id, at,
-    't:' .. id, 0, 'c:' .. id, at)
-end
--- end outbox ------------------------------------------------------------------------------
-return out
+""" + OUTBOX_TAIL + """return out
 """
 
 CREATE = """
@@ -108,18 +112,7 @@ if pending < 0 then pending = 0 end
 redis.call('HSET', KEYS[1], 'version', tonumber(v) + 1, 'pending_approvals', pending,
   'updated_at', ARGV[4])
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'doc', ARGV[5]) end
--- outbox (issue 15) ------------------------------------------------------------------
--- The last key is the run's outbox hash; ARGV ends with <id, payload, time> triples and
--- their count, so a notification is written exactly when the fact it announces is.
-local nout = tonumber(ARGV[#ARGV])
-local obase = #ARGV - 3 * nout - 1
-for i = 0, nout - 1 do
-  local id, at = ARGV[obase + 3 * i + 1], ARGV[obase + 3 * i + 3]
-  redis.call('HSET', KEYS[#KEYS], 'p:' .. id, ARGV[obase + 3 * i + 2], 'n:' .. id, at,
-    't:' .. id, 0, 'c:' .. id, at)
-end
--- end outbox ------------------------------------------------------------------------------
-return {tonumber(v) + 1}
+""" + OUTBOX_TAIL + """return {tonumber(v) + 1}
 """
 
 DELETE_APPROVAL = """
