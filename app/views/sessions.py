@@ -79,9 +79,7 @@ def create_session() -> Response:
 @requires("sessions:read")
 def get_session(session_id: str) -> Response:
     query = ONE_QUERY.load(request.args)
-    check_db(query)
-    access = session_access(session_id, query)
-    _agent_type(query, access)
+    access = agent_session(session_id, query)
     return jsonify(detail(agentos().sessions.visible(access)))
 
 
@@ -89,9 +87,7 @@ def get_session(session_id: str) -> Response:
 @requires("sessions:write")
 def update_session(session_id: str) -> Response:
     query = ONE_QUERY.load(request.args)
-    check_db(query)
-    access = session_access(session_id, query)
-    _agent_type(query, access)
+    access = agent_session(session_id, query)
     body = UPDATE_BODY.load(json_body())
     changes = {"name" if key == "session_name" else key: value
                for key, value in body.items() if key != "summary" and value is not None}
@@ -102,9 +98,7 @@ def update_session(session_id: str) -> Response:
 @requires("sessions:write")
 def rename_session(session_id: str) -> Response:
     query = ONE_QUERY.load(request.args)
-    check_db(query)
-    access = session_access(session_id, query)
-    _agent_type(query, access)
+    access = agent_session(session_id, query)
     body = RENAME_BODY.load(json_body())
     return jsonify(detail(agentos().sessions.update(access, {"name": body["session_name"]})))
 
@@ -113,9 +107,7 @@ def rename_session(session_id: str) -> Response:
 @requires("sessions:read")
 def get_session_runs(session_id: str) -> Response:
     query = RUNS_QUERY.load(request.args)
-    check_db(query)
-    access = session_access(session_id, query)
-    _agent_type(query, access)
+    access = agent_session(session_id, query)
     store = agentos().store
     runs = [run for run in agentos().sessions.session_runs(access)
             if _within(run.created_at, query["created_after"], query["created_before"])]
@@ -126,9 +118,7 @@ def get_session_runs(session_id: str) -> Response:
 @requires("sessions:read")
 def get_session_run(session_id: str, run_id: str) -> Response:
     query = ONE_QUERY.load(request.args)
-    check_db(query)
-    access = session_access(session_id, query)
-    _agent_type(query, access)
+    access = agent_session(session_id, query)
     run = agentos().sessions.session_run(access, run_id)
     return jsonify(session_run(run, every_event(agentos().store, run)))
 
@@ -168,6 +158,14 @@ def detail(session: StoredSession) -> dict[str, Any]:
     access = SessionAccess(session.session_id, identity().owner)
     runs = os.sessions.session_runs(access, HISTORY_RUNS_LIMIT)
     return session_detail(session, runs, os.agents.get(session.agent_id or ""))
+
+
+def agent_session(session_id: str, query: dict[str, Any]) -> SessionAccess:
+    """The access to one agent session named in a path, after the query's `db_id` and `type`."""
+    check_db(query)
+    access = session_access(session_id, query)
+    _agent_type(query, access)
+    return access
 
 
 def session_access(session_id: str, query: dict[str, Any]) -> SessionAccess:
