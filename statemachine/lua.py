@@ -16,7 +16,7 @@ already exists, -6 session owned by another user, -7 a cancel request is recorde
 the run.
 """
 
-# The outbox block that COMMIT and RESOLVE share (issue 15).
+# The outbox block that COMMIT, RESOLVE and DELETE_RUN share (issue 15).
 OUTBOX_TAIL = """
 -- outbox (issue 15) ------------------------------------------------------------------
 -- The last key is the run's outbox hash; ARGV ends with <id, payload, time> triples and
@@ -205,15 +205,7 @@ for i = 1, nexp do
 end
 for i = 3 + nexp, #KEYS - 1 do redis.call('EXPIRE', KEYS[i], tonumber(ARGV[4])) end
 redis.call('DEL', KEYS[1], KEYS[2])
--- outbox (issue 15): as in COMMIT
-local nout = tonumber(ARGV[#ARGV])
-local obase = #ARGV - 3 * nout - 1
-for i = 0, nout - 1 do
-  local id, at = ARGV[obase + 3 * i + 1], ARGV[obase + 3 * i + 3]
-  redis.call('HSET', KEYS[#KEYS], 'p:' .. id, ARGV[obase + 3 * i + 2], 'n:' .. id, at,
-    't:' .. id, 0, 'c:' .. id, at)
-end
-return 1
+""" + OUTBOX_TAIL + """return 1
 """
 
 # KEYS: session hash, session runs. Deleted only once no run is left in it.
