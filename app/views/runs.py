@@ -197,6 +197,9 @@ def run_answer(agent_id: str, started: Started, stream: bool) -> Response:
     if stream:
         return stream_response(agent_id, started.run_id, started.after)
     os = agentos()
+    # A budget already spent (the commit landed, then a clean-up write met an outage and gave
+    # up at the deadline) answers now: the wait would add a socket timeout of its own.
+    deadline.check("store")
     with deadline.budget(None):  # waiting for the run is not store work: no request budget
         for _ in _follow(started.run_id, started.after, outages=False):
             pass
