@@ -125,8 +125,8 @@ def test_frozen_redis_answers_every_request_within_the_deadline(redis_server):
             thread.join(15)
         assert {status for _, status, _ in outcomes} <= {200, 503}
         assert any(status == 503 for _, status, _ in outcomes)
-        slowest = max(seconds for _, _, seconds in outcomes)
-        assert slowest < 2 + 1, f"an answer took {slowest:.2f}s"
+        what, status, slowest = max(outcomes, key=lambda outcome: outcome[2])
+        assert slowest < 2 + 1, f"an answer ({what}, {status}) took {slowest:.2f}s"
     finally:
         server.stop()
 
