@@ -23,7 +23,7 @@ from app import create_app
 from statemachine.redis_store import RedisRunStore
 from statemachine.sqlite_store import SqliteRunStore
 from tests.cluster import LabNetwork, RedisClusterNodes
-from tests.servers import RedisServer
+from tests.servers import RedisServer, no_redis
 
 STORE_KINDS = ["sqlite", "redis"]
 ALL_STORE_KINDS = ["sqlite", "redis", "redis-cluster"]
@@ -46,13 +46,6 @@ def redis_url() -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
-
-
-def _no_redis(what: str) -> None:
-    reason = f"{what} tests SKIPPED: no redis-server binary on PATH"
-    if os.environ.get("REQUIRE_REDIS") == "1":
-        pytest.fail(reason.replace("SKIPPED", "REQUIRED but unavailable"))
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
@@ -78,7 +71,7 @@ def redis_cluster(lab_network) -> Iterator[RedisClusterNodes]:
         nodes.start()
     except FileNotFoundError:
         nodes.stop()
-        _no_redis("Redis Cluster")
+        no_redis("Redis Cluster")
     try:
         yield nodes
     finally:

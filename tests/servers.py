@@ -27,6 +27,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def no_redis(what: str) -> None:
+    """Skip `what` loudly where no redis-server can be started, or fail it when
+    REQUIRE_REDIS=1 (CI): a Redis test may never skip there."""
+    import pytest
+
+    reason = f"{what} tests SKIPPED: no redis-server binary on PATH"
+    if os.environ.get("REQUIRE_REDIS") == "1":
+        pytest.fail(reason.replace("SKIPPED", "REQUIRED but unavailable"))
+    pytest.skip(reason)
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
     """Poll `predicate` until it is truthy; fail loudly after `timeout` seconds."""
     deadline = time.monotonic() + timeout

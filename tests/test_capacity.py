@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from tests.rawhttp import close_all, connect, pump, ramp, request_bytes
-from tests.servers import Gunicorn, RedisServer
+from tests.servers import Gunicorn, RedisServer, no_redis
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
@@ -34,7 +34,7 @@ def redis_server() -> Iterator[RedisServer]:
     try:
         server = RedisServer().start()
     except FileNotFoundError:
-        pytest.skip("no redis-server binary")
+        no_redis("Capacity")
     yield server
     server.stop()
 

@@ -27,7 +27,7 @@ from statemachine.redis_store import RedisRunStore
 from statemachine.sqlite_store import SqliteRunStore
 from statemachine.states import RunState
 from statemachine.store import Commit, StoredRun
-from tests.servers import RedisServer, wait_until
+from tests.servers import RedisServer, no_redis, wait_until
 
 
 class Chatterbox:
@@ -64,9 +64,7 @@ def private_redis() -> Iterator[RedisServer]:
     try:
         server = RedisServer().start()
     except FileNotFoundError:
-        if os.environ.get("REQUIRE_REDIS") == "1":
-            pytest.fail("redis-server is required (REQUIRE_REDIS=1) but not on PATH")
-        pytest.skip("no redis-server binary on PATH")
+        no_redis("Contention")
     yield server
     if server.process and server.process.poll() is None:
         os.kill(server.process.pid, signal.SIGCONT)

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from tests.cluster import LabNetwork, RedisClusterNodes
-from tests.servers import wait_until
+from tests.servers import no_redis, wait_until
 from tests.test_gunicorn_race import Sessions, create_paused
 from tests.test_hosts import all_tool_lines, start_hosts, stop_hosts
 
@@ -37,7 +37,7 @@ def cluster(lab_network):
         nodes.start()
     except FileNotFoundError:
         nodes.stop()
-        pytest.skip("Redis Cluster tests SKIPPED: no redis-server binary on PATH")
+        no_redis("Redis Cluster failover")
     yield nodes
     nodes.stop()
 

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from statemachine.redis_store import RedisRunStore
-from tests.servers import Gunicorn, RedisServer, wait_until
+from tests.servers import Gunicorn, RedisServer, no_redis, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -27,9 +27,7 @@ def redis_server() -> Iterator[RedisServer]:
     try:
         server = RedisServer(persistent=True).start()
     except FileNotFoundError:
-        if os.environ.get("REQUIRE_REDIS") == "1":
-            pytest.fail("redis-server is required (REQUIRE_REDIS=1) but not on PATH")
-        pytest.skip("Redis failure tests SKIPPED: no redis-server binary on PATH")
+        no_redis("Redis failure")
     yield server
     server.stop()
 

@@ -15,7 +15,7 @@ import requests
 from app import create_app
 from statemachine.redis_store import RedisRunStore
 from statemachine.sqlite_store import SqliteRunStore
-from tests.servers import Gunicorn, RedisServer, wait_until
+from tests.servers import Gunicorn, RedisServer, no_redis, wait_until
 
 
 def test_a_sane_request_id_is_taken_and_echoed_and_any_other_is_replaced(client):
@@ -86,7 +86,7 @@ def test_a_store_outage_is_logged_once_when_seen_and_once_when_recovered(caplog,
     try:
         server = RedisServer().start()
     except FileNotFoundError:
-        pytest.skip("no redis-server binary")
+        no_redis("Store outage log")
     store = RedisRunStore(server.url, prefix=f"t-{uuid.uuid4().hex[:8]}", socket_timeout=0.5)
     app = create_app({"STORE": store})
     client = app.test_client()

@@ -13,7 +13,7 @@ from statemachine.redis_store import RedisRunStore
 from statemachine.states import RunState
 from statemachine.store import Commit
 from tests.conftest import make_store
-from tests.servers import RedisServer
+from tests.servers import RedisServer, no_redis
 from tests.test_store_contract import (
     AGENT,
     advance,
@@ -212,7 +212,7 @@ def private_redis():
     try:
         server = RedisServer().start()
     except FileNotFoundError:
-        pytest.skip("no redis-server binary on PATH")
+        no_redis("Redis command count")
     yield server
     server.stop()
 

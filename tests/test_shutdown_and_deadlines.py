@@ -18,7 +18,7 @@ import requests
 
 from statemachine.redis_store import RedisRunStore
 from statemachine.states import RunState
-from tests.servers import Gunicorn, RedisServer, wait_until
+from tests.servers import Gunicorn, RedisServer, no_redis, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
@@ -28,7 +28,7 @@ def redis_server() -> Iterator[RedisServer]:
     try:
         server = RedisServer().start()
     except FileNotFoundError:
-        pytest.skip("no redis-server binary")
+        no_redis("Shutdown and deadline")
     yield server
     os.kill(server.process.pid, signal.SIGCONT)
     server.stop()
