@@ -77,7 +77,8 @@ def _check_multipart(data: bytes, boundary: bytes) -> None:
         elif isinstance(event, Data) and field is not None:
             chunks.append(event.data)
             if not event.more_data:
-                _decode_pair(field.name.encode("utf-8", "surrogateescape"), b"".join(chunks),
+                name = field.name or ""  # a part whose name could not be read has none
+                _decode_pair(name.encode("utf-8", "surrogateescape"), b"".join(chunks),
                              "The form field")
                 field = None
         else:

@@ -262,3 +262,12 @@ def test_redis_key_names_hold_no_client_text():
     assert "a}" not in keys.idempotency("r1", "a}")
     assert keys.idempotency("r1", "a") != keys.idempotency("r1", "b")
     assert keys.idempotency("r1", "\udc00").startswith("p:run:{r1}:idem:")
+
+
+def test_a_form_part_whose_name_cannot_be_read_is_no_500(client):
+    """A multipart part whose Content-Disposition name does not parse (found by the fuzzer)."""
+    body = (b'--B\r\nContent-Disposition: form-data; name="\\"\r\n\r\nx\r\n'
+            b'--B\r\nContent-Disposition: form-data; name="message"\r\n\r\nhi\r\n--B--\r\n')
+    answer = client.post("/agents/chat-agent/runs?stream=false", data=body,
+                         headers={"Content-Type": "multipart/form-data; boundary=B"})
+    assert answer.status_code < 500
