@@ -17,7 +17,14 @@ from app.cors import enable_cors
 from app.decoding import StrictRequest, check_query
 from app.errors import register_error_handlers
 from app.intake import BodyIntake
-from app.observability import ObservedStore, StoreGauges, count_slots, count_webhook, install
+from app.observability import (
+    ObservedStore,
+    StoreGauges,
+    count_round_trips,
+    count_slots,
+    count_webhook,
+    install,
+)
 from app.runtime.agent import Agent, load_agents
 from app.runtime.executor import RunExecutor
 from app.runtime.notifications import Deliverer, target_from
@@ -87,6 +94,7 @@ def _runtime(settings: dict[str, Any], config: dict[str, Any]) -> AgentOS:
     if settings["WEBHOOK_URL"]:
         store.outbox = True  # a store given by a test writes its outbox too
     store = ObservedStore(store)
+    count_round_trips()
     agents = _agents(settings, config)
     executor = RunExecutor(store, max_runs=settings["MAX_RUNS_PER_PROCESS"],
                            lease_seconds=settings["RUN_LEASE_SECONDS"],

@@ -39,6 +39,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 
+from statemachine import redis_store
 from statemachine.errors import StoreUnavailable
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -59,6 +60,8 @@ TRANSITIONS = Counter("agentos_run_transitions_total", "Run state changes commit
                       ["trigger"])
 STORE_ERRORS = Counter("agentos_store_errors_total", "Store calls that found it unavailable",
                        ["operation"])
+ROUND_TRIPS = Counter("agentos_redis_round_trips_total",
+                      "Commands and pipelines sent to Redis (each one round trip)")
 SLOTS = Gauge("agentos_execution_slots_in_use", "Runs executing in the worker processes",
               multiprocess_mode="livesum")
 WEBHOOKS = Counter("agentos_webhook_deliveries_total",
@@ -287,6 +290,11 @@ def _lifecycle(commit: Any, event: dict[str, Any]) -> None:
         what += f" ({reason})"
     log.info(what, extra={"run_id": commit.run_id, "agent_id": event.get("agent_id"),
                           "event": name, "state": commit.state.value, "reason": reason})
+
+
+def count_round_trips() -> None:
+    """Counts each command or pipeline the Redis store sends (see `redis_store`)."""
+    redis_store.on_round_trip = ROUND_TRIPS.inc
 
 
 def count_slots(in_use: int) -> None:

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 
+from app.runtime.handoff import Channels, RunChannel
 from statemachine.errors import StoreUnavailable
 from statemachine.states import RunState
 from statemachine.store import RunStore, StoredEvent
@@ -49,6 +50,9 @@ def follow(
     max_seconds: float,
     outage_seconds: float = 0.0,
     history_until: int = 0,
+    channel: RunChannel | None = None,
+    channels: Channels | None = None,
+    stall_seconds: float | None = None,
 ) -> Iterator[StoredEvent | None]:
     """Stored events after `after`, then live ones, until a terminal event (None = idle ping).
 
@@ -59,14 +63,26 @@ def follow(
     store outage is waited out (pings keep the client) for up to `outage_seconds`: the
     executing worker retries its writes as long, so a stream whose store comes back still
     ends with the run's terminal event.
+
+    While the run executes in this process, its events come from its channel (`channel`,
+    or the one `channels` has for it), in memory, as soon as they are committed; when the
+    execution ends without a terminal event the stream goes on from the store. A commit of
+    the run that waits on the store longer than `stall_seconds` counts as an outage here.
     """
     deadline = time.monotonic() + max_seconds
     quiet_since = time.monotonic()
     down_since: float | None = None
     while time.monotonic() < deadline:
+        if channel is None or channel.closed or not channel.covers(after):
+            channel = channels.live(run_id, after) if channels is not None else None
         try:
-            events = _next_events(store, run_id, after, current_state,
-                                  _wait(deadline, quiet_since, ping_seconds))
+            if channel is not None:
+                events = _channel_events(channel, after,
+                                         _wait(deadline, quiet_since, ping_seconds),
+                                         stall_seconds)
+            else:
+                events = _next_events(store, run_id, after, current_state,
+                                      _wait(deadline, quiet_since, ping_seconds))
             down_since = None
         except StoreUnavailable:
             down_since = down_since or time.monotonic()
@@ -86,6 +102,16 @@ def follow(
         elif time.monotonic() - quiet_since >= ping_seconds:
             quiet_since = time.monotonic()
             yield None
+
+
+def _channel_events(channel: RunChannel, after: int, wait: float,
+                    stall_seconds: float | None) -> list[StoredEvent]:
+    """The next events from memory (maybe none after waiting up to `wait`); a commit stuck
+    on the store is an outage, as the follower's own read of the store would have met."""
+    got = channel.after(after, wait, stall_seconds)
+    if got.stalled:
+        raise StoreUnavailable(f"a commit of run {channel.run_id} waits on the store")
+    return got.events
 
 
 def _next_events(store: RunStore, run_id: str, after: int,

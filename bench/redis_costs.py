@@ -19,6 +19,7 @@ from typing import Any
 import redis
 import requests
 
+from statemachine import lua
 from statemachine.redis_store import RedisRunStore
 from statemachine.states import RunState
 from statemachine.store import StoredRun
@@ -69,24 +70,36 @@ class Monitor:
                 (self.scripted if entry.get("client_type") == "lua" else self.sent)[name] += 1
 
 
+def round_trips(base: str) -> float:
+    """The server's own count of commands and pipelines it sent to Redis (all workers)."""
+    text = requests.get(f"{base}/metrics", timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("agentos_redis_round_trips_total"))
+
+
 def commands_per_request(base: str, client: redis.Redis, count: int = 50) -> dict:
-    """Client commands (and commands run inside scripts) per create and per continue."""
+    """Round trips (the server's count), client commands and commands run inside scripts,
+    per create and per continue (both `stream=false`)."""
     runs = [create(base) for _ in range(3)]
     for run in runs:
         confirm(base, run)  # warm both paths
+    before = round_trips(base)
     with Monitor(client) as created:
         runs = [create(base) for _ in range(count)]
+    between = round_trips(base)
     with Monitor(client) as continued:
         for run in runs:
             confirm(base, run)
+    after = round_trips(base)
     return {
-        "create": _per(created, count),
-        "continue": _per(continued, count),
+        "create": _per(created, count, between - before),
+        "continue": _per(continued, count, after - between),
     }
 
 
-def _per(monitor: Monitor, count: int) -> dict:
+def _per(monitor: Monitor, count: int, trips: float) -> dict:
     return {
+        "round_trips": round(trips / count, 2),
         "client_commands": round(sum(monitor.sent.values()) / count, 2),
         "by_command": {k: round(v / count, 2) for k, v in monitor.sent.most_common()},
         "inside_scripts": round(sum(monitor.scripted.values()) / count, 2),
@@ -119,12 +132,19 @@ def run_memory(client: redis.Redis, prefix: str, run_ids: list[str]) -> dict:
 
 
 def memory_per_run(base: str, client: redis.Redis, prefix: str, count: int = 100) -> dict:
+    """A run's keys at rest, paused and finished: measured once its bell (the stream that
+    followers elsewhere block on, kept for `lua.BELL_MS` after a pause or an end) is gone;
+    `just_paused` is the same runs right after their pause, the bell still there."""
     runs = [create(base) for _ in range(count)]
-    paused = run_memory(client, prefix, [r["run_id"] for r in runs])
+    ids = [r["run_id"] for r in runs]
+    just_paused = run_memory(client, prefix, ids)
+    time.sleep(lua.BELL_MS / 1000 + 0.5)
+    paused = run_memory(client, prefix, ids)
     for run in runs:
         confirm(base, run)
-    finished = run_memory(client, prefix, [r["run_id"] for r in runs])
-    return {"paused": paused, "finished": finished}
+    time.sleep(lua.BELL_MS / 1000 + 0.5)
+    finished = run_memory(client, prefix, ids)
+    return {"paused": paused, "finished": finished, "just_paused": just_paused}
 
 
 def _stored_run(agent_id: str) -> StoredRun:

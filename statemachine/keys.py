@@ -44,11 +44,27 @@ class Keys:
             raise ValueError("REDIS_KEY_PREFIX must not contain { or }: they pick cluster slots")
 
     def run(self, run_id: str) -> str:
-        """Hash: state, version, doc (JSON), indexed columns, lease, guard, last_seq."""
+        """Hash: state, version, indexed columns, lease, guard, last_seq. Every value is
+        short, so Redis keeps it in its compact encoding (the document has its own key)."""
         return f"{self.prefix}:run:{{{run_id}}}"
 
+    def doc(self, run_id: str) -> str:
+        """String: the run's document (JSON), written only when it changes."""
+        return f"{self.prefix}:run:{{{run_id}}}:doc"
+
     def events(self, run_id: str) -> str:
-        """Stream: the run's events with explicit ids 0-1, 0-2 ...; field `e` is the JSON."""
+        """List: the run's events (JSON), element i holding event i + 1, so a read from any
+        event on is one LRANGE."""
+        return f"{self.prefix}:run:{{{run_id}}}:log"
+
+    def bell(self, run_id: str) -> str:
+        """Stream: one entry `0-<last event>` per commit, that followers in other processes
+        block on (XREAD); kept only while the run executes and for a few seconds after."""
+        return f"{self.prefix}:run:{{{run_id}}}:bell"
+
+    def legacy_events(self, run_id: str) -> str:
+        """Stream: where versions before the event list kept a run's events (field `e`);
+        `python -m statemachine.reindex --migrate-logs` moves them."""
         return f"{self.prefix}:run:{{{run_id}}}:events"
 
     def approval(self, run_id: str, approval_id: str) -> str:

@@ -1,13 +1,16 @@
 """The Lua scripts of the Redis store. They compare and set; they never encode run rules.
 
-COMMIT's KEYS: run hash, events stream, idempotency key, new approvals, approvals to expire,
-approvals to retain. ARGV 1-17 are scalars (see `RedisRunStore.commit`), then event JSONs, then
+COMMIT's KEYS: run hash, events list, idempotency key, new approvals, approvals to expire,
+approvals to retain, then the document, the bell and the outbox. ARGV 1-19 are scalars (see
+`RedisRunStore.commit`; the document ARGV[3] is '' when the commit keeps the stored one;
+ARGV[18] the index writes on a single server, '' for none; ARGV[19] the agent name of the
+events' envelope), then the events (JSON, '~' before one stored without its envelope), then
 new approval documents. ARGV 15-17 are the commit's conditions and token: honour a cancel
 request ('1'), apply only while the stored lease is lapsed at this time, the commit's token.
-CREATE's KEYS: run hash, events stream, idempotency key; ARGV: event count, the run's fields,
-the events, then the remembered outcome ('' for none) and its TTL. RESOLVE's ARGV: the
-expected version, status, resolution, time, the run's new document ('' keeps it), then the
-outbox tail.
+CREATE's KEYS: run hash, events list, idempotency key, document, bell; ARGV: event count, the
+run's fields, the document, the events, then the remembered outcome ('' for none) and its
+TTL. RESOLVE's KEYS: run hash, approval, document, outbox; ARGV: the expected version,
+status, resolution, time, the run's new document ('' keeps it), then the outbox tail.
 
 Return codes shared by the scripts: -1 run (or session) missing, -2 stale version (or a
 session that gained runs, a lease that is no longer lapsed, a state that moved), -3
@@ -15,6 +18,10 @@ approval missing, -4 approval not pending (its status follows), -5 run (or sessi
 already exists, -6 session owned by another user, -7 a cancel request is recorded on
 the run.
 """
+
+BELL_MS = 3000
+"""How long a run's bell outlives the commit that paused or ended it: a follower that read
+the run just before that commit still finds the commit's entry when it blocks."""
 
 # The outbox block that COMMIT, RESOLVE and DELETE_RUN share (issue 15).
 OUTBOX_TAIL = """
@@ -42,16 +49,23 @@ if ARGV[16] ~= '' then
   local lease = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '')
   if (not lease) or lease > tonumber(ARGV[16]) then return {-2} end
 end
+local doc, bell = KEYS[#KEYS - 2], KEYS[#KEYS - 1]
 local nev, nnew, nexp = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
 local nall = tonumber(ARGV[12])
-local E = 17
+local E = 19
+if ARGV[19] ~= '' then redis.call('HSETNX', KEYS[1], 'agent_name', ARGV[19]) end
 local seq = tonumber(redis.call('HGET', KEYS[1], 'last_seq') or '0')
 local out = {tonumber(v) + 1}
-for i = 1, nev do
-  seq = seq + 1
-  redis.call('XADD', KEYS[2], '0-' .. seq, 'e', ARGV[E + i])
-  out[#out + 1] = seq
+if nev > 0 then
+  for i = E + 1, E + nev, 1000 do
+    redis.call('RPUSH', KEYS[2], unpack(ARGV, i, math.min(i + 999, E + nev)))
+  end
+  for i = 1, nev do out[#out + 1] = seq + i end
+  seq = seq + nev
+  redis.call('XADD', bell, 'MAXLEN', 1, '0-' .. seq, 'n', nev)
 end
+-- followers elsewhere block on the bell only while the run executes
+if ARGV[5] ~= '' then redis.call('PERSIST', bell) else redis.call('PEXPIRE', bell, BELL_MS) end
 local pending = tonumber(redis.call('HGET', KEYS[1], 'pending_approvals') or '0')
 for i = 1, nnew do
   redis.call('HSET', KEYS[3 + i], 'status', 'pending', 'doc', ARGV[E + nev + i])
@@ -64,20 +78,39 @@ for i = 1, nexp do
     pending = pending - 1
   end
 end
-redis.call('HSET', KEYS[1], 'version', tonumber(v) + 1, 'state', ARGV[2], 'doc', ARGV[3],
+redis.call('HSET', KEYS[1], 'version', tonumber(v) + 1, 'state', ARGV[2],
   'updated_at', ARGV[4], 'last_seq', seq, 'pending_approvals', pending,
   'lease_owner', ARGV[5], 'lease_until', ARGV[6], 'paused_at', ARGV[7],
   'cancel_requested', '0', 'commit_token', ARGV[17])
+if ARGV[3] ~= '' then
+  redis.call('SET', doc, ARGV[3])
+  redis.call('HDEL', KEYS[1], 'doc')  -- where versions before the doc key kept it
+end
 if ARGV[8] ~= '' then
   local ttl = tonumber(ARGV[8])
   redis.call('EXPIRE', KEYS[1], ttl)
   redis.call('EXPIRE', KEYS[2], ttl)
+  redis.call('EXPIRE', doc, ttl)
   for i = 1, nall do redis.call('EXPIRE', KEYS[3 + nnew + nexp + i], ttl) end
 end
 if ARGV[13] ~= '' then
   redis.call('SET', KEYS[3], ARGV[13], 'EX', tonumber(ARGV[14]))
 end
-""" + OUTBOX_TAIL + """return out
+if ARGV[18] ~= '' then
+  -- The commit's index writes, on a single server (see `RedisIndex.inline`): the run's
+  -- latest hinted version, the entries it makes true (a score, or the member's score in
+  -- another set), its approvals' owners, then the entries it makes stale.
+  local ix = cjson.decode(ARGV[18])
+  redis.call('HSET', ix.h, ix.run, tonumber(v) + 1)
+  for _, z in ipairs(ix.z) do
+    local score = z[2]
+    if z[4] ~= '' then score = redis.call('ZSCORE', z[4], z[3]) end
+    if score then redis.call('ZADD', z[1], score, z[3]) end
+  end
+  for _, f in ipairs(ix.s) do redis.call('HSET', f[1], f[2], f[3]) end
+  for _, r in ipairs(ix.r) do redis.call('ZREM', r[1], r[2]) end
+end
+""".replace("BELL_MS", str(BELL_MS)) + OUTBOX_TAIL + """return out
 """
 
 CREATE = """
@@ -87,16 +120,32 @@ local fields = cjson.decode(ARGV[2])
 local flat = {}
 for k, val in pairs(fields) do flat[#flat + 1] = k; flat[#flat + 1] = tostring(val) end
 redis.call('HSET', KEYS[1], unpack(flat))
+redis.call('SET', KEYS[4], ARGV[3])
 local out = {1}
-for i = 1, n do
-  redis.call('XADD', KEYS[2], '0-' .. i, 'e', ARGV[2 + i])
-  out[#out + 1] = i
+if n > 0 then
+  for i = 4, 3 + n, 1000 do
+    redis.call('RPUSH', KEYS[2], unpack(ARGV, i, math.min(i + 999, 3 + n)))
+  end
+  redis.call('XADD', KEYS[5], 'MAXLEN', 1, '0-' .. n, 'n', n)
 end
+for i = 1, n do out[#out + 1] = i end
 redis.call('HSET', KEYS[1], 'last_seq', n)
-if ARGV[3 + n] and ARGV[3 + n] ~= '' then
-  redis.call('SET', KEYS[3], ARGV[3 + n], 'EX', tonumber(ARGV[4 + n]))
+if ARGV[4 + n] and ARGV[4 + n] ~= '' then
+  redis.call('SET', KEYS[3], ARGV[4 + n], 'EX', tonumber(ARGV[5 + n]))
 end
 return out
+"""
+
+# KEYS: run hash, its document, its events, an idempotency key. ARGV: read the events after
+# this one ('' for none), read the remembered outcome ('1'). One atomic read of a run.
+READ_RUN = """
+local fields = redis.call('HGETALL', KEYS[1])
+if #fields == 0 then return {0} end
+local events = {}
+if ARGV[1] ~= '' then events = redis.call('LRANGE', KEYS[3], tonumber(ARGV[1]), -1) end
+local remembered = false
+if ARGV[2] == '1' then remembered = redis.call('GET', KEYS[4]) end
+return {1, fields, redis.call('GET', KEYS[2]) or '', events, remembered or ''}
 """
 
 RESOLVE = """
@@ -111,7 +160,10 @@ local pending = tonumber(redis.call('HGET', KEYS[1], 'pending_approvals') or '0'
 if pending < 0 then pending = 0 end
 redis.call('HSET', KEYS[1], 'version', tonumber(v) + 1, 'pending_approvals', pending,
   'updated_at', ARGV[4])
-if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'doc', ARGV[5]) end
+if ARGV[5] ~= '' then
+  redis.call('SET', KEYS[3], ARGV[5])
+  redis.call('HDEL', KEYS[1], 'doc')
+end
 """ + OUTBOX_TAIL + """return {tonumber(v) + 1}
 """
 
@@ -189,22 +241,22 @@ end
 return 1
 """
 
-# KEYS: run hash, events, approvals to expire (ARGV[3] of them), approvals to retain, then the
-# run's outbox. ARGV: expected version, now, number to expire, retention seconds, then the
-# outbox tail. Deletes the run only at the version its deletion was decided on, expiring its
-# pending approvals and writing its notifications in the same step.
+# KEYS: run hash, events, document, bell, approvals to expire (ARGV[3] of them), approvals to
+# retain, then the run's outbox. ARGV: expected version, now, number to expire, retention
+# seconds, then the outbox tail. Deletes the run only at the version its deletion was decided
+# on, expiring its pending approvals and writing its notifications in the same step.
 DELETE_RUN = """
 local v = redis.call('HGET', KEYS[1], 'version')
 if not v then return -1 end
 if tonumber(v) ~= tonumber(ARGV[1]) then return -2 end
 local nexp = tonumber(ARGV[3])
 for i = 1, nexp do
-  if redis.call('HGET', KEYS[2 + i], 'status') == 'pending' then
-    redis.call('HSET', KEYS[2 + i], 'status', 'expired', 'updated_at', ARGV[2])
+  if redis.call('HGET', KEYS[4 + i], 'status') == 'pending' then
+    redis.call('HSET', KEYS[4 + i], 'status', 'expired', 'updated_at', ARGV[2])
   end
 end
-for i = 3 + nexp, #KEYS - 1 do redis.call('EXPIRE', KEYS[i], tonumber(ARGV[4])) end
-redis.call('DEL', KEYS[1], KEYS[2])
+for i = 5 + nexp, #KEYS - 1 do redis.call('EXPIRE', KEYS[i], tonumber(ARGV[4])) end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 """ + OUTBOX_TAIL + """return 1
 """
 
@@ -284,4 +336,34 @@ local hinted = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 if hinted > tonumber(ARGV[2]) then return 0 end
 for i = 2, #KEYS do redis.call('ZREM', KEYS[i], ARGV[3]) end
 return 1
+"""
+
+# KEYS: run hash, document, events list, the stream where versions before the event list kept
+# its events. Moves a run stored by such a version into the new layout; doing it twice is
+# harmless (`python -m statemachine.reindex` runs it for every run).
+MIGRATE_RUN = """
+local moved = 0
+local doc = redis.call('HGET', KEYS[1], 'doc')
+if doc then
+  if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('SET', KEYS[2], doc) end
+  local name = cjson.decode(doc).agent_name
+  if type(name) == 'string' then redis.call('HSETNX', KEYS[1], 'agent_name', name) end
+  redis.call('HDEL', KEYS[1], 'doc')
+  moved = 1
+end
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  if redis.call('EXISTS', KEYS[3]) == 0 then
+    for _, entry in ipairs(redis.call('XRANGE', KEYS[4], '-', '+')) do
+      redis.call('RPUSH', KEYS[3], entry[2][2])
+    end
+  end
+  redis.call('DEL', KEYS[4])
+  moved = 1
+end
+local ttl = redis.call('PTTL', KEYS[1])
+if moved == 1 and ttl > 0 then
+  redis.call('PEXPIRE', KEYS[2], ttl)
+  redis.call('PEXPIRE', KEYS[3], ttl)
+end
+return moved
 """

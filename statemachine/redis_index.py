@@ -143,6 +143,18 @@ class _Hint:
     def send(self, pipe: Any) -> None:
         pipe_eval(pipe, lua.HINT, self.keys, self.args)
 
+    def entries(self) -> list[list[str]]:
+        """The sorted-set entries as [key, score, member, key whose score to take] ('' for
+        none), for a script that applies them itself (see `RedisIndex.inline`)."""
+        rows = []
+        for i, key in enumerate(self.keys[2:]):
+            score, member = self.args[3 + 2 * i], self.args[4 + 2 * i]
+            if score.startswith("@"):
+                rows.append([key, "", member, self.keys[int(score[1:]) - 1]])
+            else:
+                rows.append([key, score, member, ""])
+        return rows
+
     def run(self, client: Any) -> None:
         client.execute_command("EVAL", lua.HINT, len(self.keys), *self.keys, *self.args)
 
@@ -166,7 +178,7 @@ class RedisIndex:
     """Writes, verifies, merges and purges the index hints of a `RedisRunStore`."""
 
     def __init__(self, client: Any, keys: Keys,
-                 read_run: Callable[[dict[str, str]], StoredRun],
+                 read_run: Callable[[dict[str, str], str | None], StoredRun],
                  read_approval: Callable[[dict[str, str]], Approval]) -> None:
         self.redis = client
         self.keys = keys
@@ -206,6 +218,28 @@ class RedisIndex:
 
     def hint_commit(self, commit: Commit) -> None:
         """The entries `commit` will make true: its state, lifecycle and new approvals."""
+        hint, owners = self._commit_hint(commit)
+        pipe = self.redis.pipeline(transaction=False)
+        for key, approval_id, run_id in owners:
+            pipe.hset(key, approval_id, run_id)
+        hint.send(pipe)
+        pipe.execute()
+
+    def inline(self, commit: Commit, extra: list[list[str]]) -> str:
+        """Every index write of `commit` (its hints, then what it makes stale) as the JSON
+        that COMMIT applies in its own atomic step: on a single Redis server all keys are
+        reachable from one script, so a commit costs one round trip and its indexes are
+        exact at once. `extra` are more [key, score, member] entries (the outbox shard)."""
+        hint, owners = self._commit_hint(commit)
+        entries = [*hint.entries(), *([key, score, member, ""] for key, score, member in extra)]
+        removals = [[key, member] for keys, member in self._made_stale(commit)
+                    for key in keys]
+        return json.dumps({"h": hint.keys[0], "run": commit.run_id, "z": entries,
+                           "s": [list(owner) for owner in owners], "r": removals},
+                          separators=(",", ":"))
+
+    def _commit_hint(self, commit: Commit) -> tuple[_Hint, list[tuple[str, str, str]]]:
+        """The HINT of `commit`, and the approval-to-run entries of its new approvals."""
         k, rid = self.keys, commit.run_id
         s, agent = shard_of(rid), self._agent_of(commit)
         hint = _Hint(k, rid, commit.expected_version + 1)
@@ -214,14 +248,13 @@ class RedisIndex:
         hint.add(k.agent_state_runs(s, agent, commit.state.value), rid, same_as=base)
         retained = commit.now if commit.retain_seconds is not None else None
         self._lifecycle(hint, rid, commit.lease_until, commit.paused_at, retained)
-        pipe = self.redis.pipeline(transaction=False)
+        owners = []
         for approval in commit.approvals:
             self._hint_new_approval(hint, approval, commit.now)
-            pipe.hset(k.approval_runs(approval.approval_id), approval.approval_id, rid)
+            owners.append((k.approval_runs(approval.approval_id), approval.approval_id, rid))
         for approval_id in commit.expire_approvals:
             self._hint_status(hint, approval_member(approval_id, rid), "expired")
-        hint.send(pipe)
-        pipe.execute()
+        return hint, owners
 
     def hint_resolve(self, approval: Approval, expected_version: int) -> None:
         """The status entry a resolve will make true."""
@@ -231,7 +264,7 @@ class RedisIndex:
         hint.run(self.redis)
 
     def _agent_of(self, commit: Commit) -> str:
-        agent = commit.doc.get("agent_id")
+        agent = commit.agent_id or (commit.doc or {}).get("agent_id")
         if isinstance(agent, str):
             return agent
         raw = self.redis.hget(self.keys.run_identity(shard_of(commit.run_id)), commit.run_id)
@@ -280,6 +313,11 @@ class RedisIndex:
 
     def after_commit(self, commit: Commit, version: int) -> None:
         """Drop the entries `commit` (now at `version`) made stale; failures only log."""
+        removals = self._made_stale(commit)
+        self._quietly(lambda: self._unhint(commit.run_id, version, removals))
+
+    def _made_stale(self, commit: Commit) -> list[tuple[list[str], str]]:
+        """The (index keys, member) entries that `commit`, once applied, makes stale."""
         k, rid = self.keys, commit.run_id
         s, agent = shard_of(rid), self._agent_of(commit)
         stale = [k.agent_state_runs(s, agent, state.value) for state in RunState
@@ -291,7 +329,7 @@ class RedisIndex:
         removals = [(stale, rid)]
         pending = k.approvals_by(s, "status", "pending")
         removals += [([pending], approval_member(a, rid)) for a in commit.expire_approvals]
-        self._quietly(lambda: self._unhint(rid, version, removals))
+        return removals
 
     def after_lost_commit(self, commit: Commit) -> None:
         """A commit that lost its compare-and-set created none of its approvals: their ids
@@ -395,9 +433,11 @@ class RedisIndex:
         pipe = self.redis.pipeline(transaction=False)
         for entry in batch:
             pipe.hgetall(self.keys.run(entry.member))
+            pipe.get(self.keys.doc(entry.member))
         found, removals = [], self.redis.pipeline(transaction=False)
-        for entry, fields in zip(batch, pipe.execute(), strict=True):
-            run = self._run(fields) if fields else None
+        answers = pipe.execute()
+        for entry, fields, doc in zip(batch, answers[::2], answers[1::2], strict=True):
+            run = self._run(fields, doc) if fields else None
             seen = self._seen_version(run, entry)
             state = sources[entry.key]
             if run is None or (state is not None and run.state.value != state):
@@ -522,7 +562,7 @@ class RedisIndex:
             pipe.hgetall(self.keys.run(member))
         due, removals = [], self.redis.pipeline(transaction=False)
         for (score, member, key), fields in zip(entries, pipe.execute(), strict=True):
-            run = self._run(fields) if fields else None
+            run = self._run(fields, None) if fields else None
             if run is not None and still(run, bound):
                 due.append(member)
                 continue

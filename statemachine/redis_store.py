@@ -46,13 +46,16 @@ from statemachine.outbox import shard_of as outbox_shard_of
 from statemachine.redis_index import Merge, RedisIndex, pipe_eval
 from statemachine.states import RunState
 from statemachine.store import (
+    ENVELOPE_KEYS,
     SESSION_SORTS,
     Approval,
     ApprovalQuery,
     Commit,
     CommitResult,
+    Envelope,
     Remember,
     RunQuery,
+    RunRead,
     RunRemoval,
     SessionLink,
     SessionQuery,
@@ -113,13 +116,22 @@ def _transient(exc: redis.exceptions.ResponseError) -> bool:
     return text.startswith(_TRANSIENT_REPLIES) or "when used memory > 'maxmemory'" in text
 
 
+def _uncounted() -> None:
+    return None
+
+
+on_round_trip: Callable[[], None] = _uncounted
+"""Called once per command or pipeline sent to Redis (the app counts them for /metrics)."""
+
+
 class _DeadlineBound:
     """Connection mixin: no command starts once the request's store budget is spent, and no
     reply is awaited longer than what is left of it (a frozen server costs one budget per
-    request, not one socket timeout per call)."""
+    request, not one socket timeout per call). Each send is one round trip: counted."""
 
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         deadline.check("redis")
+        on_round_trip()
         super().send_packed_command(command, check_health)  # type: ignore[misc]
 
     def read_response(self, *args: Any, **kwargs: Any) -> Any:
@@ -138,7 +150,9 @@ def _opt_float(value: str | None) -> float | None:
     return float(value) if value not in (None, "") else None
 
 
-def _run_from_hash(fields: dict[str, str]) -> StoredRun:
+def _run_from_hash(fields: dict[str, str], doc: str | None = None) -> StoredRun:
+    """The run of a hash and its document (JSON; a run stored before the document had its
+    own key keeps it in the hash, and a reader that needs no document passes none)."""
     pending = int(fields.get("pending_approvals") or 0)
     return StoredRun(
         run_id=fields["run_id"],
@@ -149,7 +163,7 @@ def _run_from_hash(fields: dict[str, str]) -> StoredRun:
         version=int(fields["version"]),
         created_at=float(fields["created_at"]),
         updated_at=float(fields["updated_at"]),
-        doc=json.loads(fields["doc"]),
+        doc=json.loads(doc or fields.get("doc") or "{}"),
         admin_pending=pending > 0,
         pending_approvals=pending,
         last_seq=int(fields.get("last_seq") or 0),
@@ -178,6 +192,33 @@ def approval_from_hash(fields: dict[str, str]) -> Approval:
 
 def _num(value: float | None) -> str:
     return "" if value is None else repr(value)
+
+
+_STRIPPED = "~"  # an event stored without its envelope (see `Envelope`)
+
+
+def _pack(event: dict[str, Any], envelope: Envelope | None) -> str:
+    """An event as the events list holds it: without the run's envelope when it has it."""
+    stripped = envelope.strip(event) if envelope is not None else None
+    return dumps(event) if stripped is None else _STRIPPED + dumps(stripped)
+
+
+def _unpack(raw: str, envelope: Envelope) -> dict[str, Any]:
+    if raw.startswith(_STRIPPED):
+        return envelope.dress(json.loads(raw[1:]))
+    return json.loads(raw)
+
+
+def _envelope(fields: dict[str, str]) -> Envelope:
+    """The envelope of the run whose hash has `fields` (for putting events back whole)."""
+    return Envelope(fields.get("agent_id", ""), fields.get("agent_name", ""),
+                    fields.get("run_id", ""), fields.get("session_id", ""))
+
+
+def _creation_envelope(run: StoredRun) -> Envelope | None:
+    name = run.doc.get("agent_name")
+    return Envelope(run.agent_id, name, run.run_id, run.session_id) \
+        if isinstance(name, str) else None
 
 
 class _LazyCluster:
@@ -281,6 +322,7 @@ class RedisRunStore:
         self._block_cap = max(0.1, socket_timeout - 1.0)
         self._commit = self.redis.register_script(lua.COMMIT)
         self._create = self.redis.register_script(lua.CREATE)
+        self._read = self.redis.register_script(lua.READ_RUN)
         self._resolve = self.redis.register_script(lua.RESOLVE)
         self._delete_approval = self.redis.register_script(lua.DELETE_APPROVAL)
         self._renew = self.redis.register_script(lua.RENEW_LEASE)
@@ -315,6 +357,7 @@ class RedisRunStore:
         if session is not None:
             self._link(session, run.run_id)
         self.index.hint_create(run)
+        envelope = _creation_envelope(run)
         fields = {
             "run_id": run.run_id,
             "agent_id": run.agent_id,
@@ -324,16 +367,18 @@ class RedisRunStore:
             "version": 1,
             "created_at": repr(run.created_at),
             "updated_at": repr(run.updated_at),
-            "doc": dumps(run.doc),
+            "agent_name": run.doc.get("agent_name") if envelope else "",
             "pending_approvals": 0,
             "lease_owner": run.lease_owner or "",
             "lease_until": _num(run.lease_until),
             "paused_at": _num(run.paused_at),
         }
-        keys = [self.keys.run(run.run_id), self.keys.events(run.run_id),
-                self.keys.idempotency(run.run_id, remember.key if remember else "-")]
+        rid = run.run_id
+        keys = [self.keys.run(rid), self.keys.events(rid),
+                self.keys.idempotency(rid, remember.key if remember else "-"),
+                self.keys.doc(rid), self.keys.bell(rid)]
         out = self._create(keys=keys, args=[
-            len(events), dumps(fields), *map(dumps, events),
+            len(events), dumps(fields), dumps(run.doc), *(_pack(e, envelope) for e in events),
             dumps(remember.value) if remember else "", remember.ttl if remember else 0])
         if out[0] == -5:
             raise StaleRun(f"run {run.run_id} already exists")
@@ -341,15 +386,43 @@ class RedisRunStore:
 
     @_guarded
     def get_run(self, run_id: str) -> StoredRun:
-        fields = self.redis.hgetall(self.keys.run(run_id))
-        if not fields:
+        return self._read_run(run_id, None, None).run
+
+    @_guarded
+    def read_run(self, run_id: str, *, events_after: int | None = None,
+                 recall: str | None = None) -> RunRead:
+        """The run, its events after `events_after` and a remembered outcome: one script,
+        so one round trip and one consistent view (its keys share the run's slot)."""
+        return self._read_run(run_id, events_after, recall)
+
+    def _read_run(self, run_id: str, events_after: int | None,
+                  recall: str | None) -> RunRead:
+        keys = [self.keys.run(run_id), self.keys.doc(run_id), self.keys.events(run_id),
+                self.keys.idempotency(run_id, recall or "-")]
+        out = self._read(keys=keys, args=["" if events_after is None else events_after,
+                                          "1" if recall is not None else ""])
+        if out[0] == 0:
             raise RunNotFound(run_id)
-        return _run_from_hash(fields)
+        flat = out[1]
+        fields = dict(zip(flat[::2], flat[1::2], strict=True))
+        run = _run_from_hash(fields, out[2])
+        events = None
+        if events_after is not None:
+            envelope = _envelope(fields)
+            events = [StoredEvent(seq=events_after + i + 1, data=_unpack(raw, envelope))
+                      for i, raw in enumerate(out[3])]
+        return RunRead(run, events, json.loads(out[4]) if out[4] else None)
 
     @_guarded
     def commit(self, commit: Commit) -> CommitResult:
-        """Apply `commit` atomically if the run is still at its expected version."""
-        if commit.reindex:
+        """Apply `commit` atomically if the run is still at its expected version.
+
+        On a single server the index writes travel inside the commit's own script (one round
+        trip); in a cluster they live in other slots, so they are hints written before and
+        clean-ups after it (see `redis_index`).
+        """
+        inline = commit.reindex and not self.cluster
+        if commit.reindex and not inline:
             self.index.hint_commit(commit)
         rid = commit.run_id
         remember = commit.remember
@@ -359,10 +432,11 @@ class RedisRunStore:
         keys += [self.keys.approval(rid, a) for a in commit.expire_approvals]
         retained = commit.approval_ids if commit.retain_seconds else []
         keys += [self.keys.approval(rid, a) for a in retained]
+        entries = self._commit_entries(commit)
         args: list[Any] = [
             commit.expected_version,
             commit.state.value,
-            dumps(commit.doc),
+            commit.encoded_doc(),
             repr(commit.now),
             commit.lease_owner or "",
             _num(commit.lease_until),
@@ -377,13 +451,16 @@ class RedisRunStore:
             "1" if commit.honour_cancel else "",
             _num(commit.lease_lapsed_by),
             commit.token or "",
-            *map(dumps, commit.events),
+            self.index.inline(commit, self._outbox_hint(rid, entries)) if inline else "",
+            commit.envelope.agent_name if commit.envelope else "",
+            *(_pack(e, commit.envelope) for e in commit.events),
             *(dumps(a.doc) for a in commit.approvals),
         ]
-        keys, args = self._with_outbox(rid, keys, args, self._commit_entries(commit))
+        keys += [self.keys.doc(rid), self.keys.bell(rid)]
+        keys, args = self._with_outbox(rid, keys, args, entries, hinted=inline)
         out = self._replicated(keys, args) if commit.reindex else \
             self._commit(keys=keys, args=args)
-        if out[0] < 0 and commit.reindex:
+        if out[0] < 0 and commit.reindex and not inline:
             self.index.after_lost_commit(commit)
         if out[0] == -1:
             raise RunNotFound(rid)
@@ -391,7 +468,7 @@ class RedisRunStore:
             raise StaleRun(rid)
         if out[0] == -7:
             raise CancelRequested(rid)
-        if commit.reindex:
+        if commit.reindex and not inline:
             self.index.after_commit(commit, int(out[0]))
         return CommitResult(version=int(out[0]), seqs=[int(s) for s in out[1:]])
 
@@ -437,18 +514,23 @@ class RedisRunStore:
 
     @_guarded
     def read_events(self, run_id: str, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
-        entries = self.redis.xrange(self.keys.events(run_id), f"0-{after + 1}", "+", count=limit)
-        return [_event(entry_id, fields) for entry_id, fields in entries]
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.lrange(self.keys.events(run_id), after, after + limit - 1)
+        pipe.hmget(self.keys.run(run_id), *ENVELOPE_KEYS)
+        raws, identity = pipe.execute()
+        envelope = Envelope(*(value or "" for value in identity))
+        return [StoredEvent(seq=after + i + 1, data=_unpack(raw, envelope))
+                for i, raw in enumerate(raws)]
 
     @_guarded
     def wait_events(self, run_id: str, after: int, timeout: float) -> list[StoredEvent]:
-        """Block up to `timeout` seconds for events after `after` (XREAD BLOCK)."""
+        """Block up to `timeout` seconds on the run's bell for a commit after event `after`
+        (XREAD BLOCK), then read what it committed."""
         block_ms = max(1, int(min(timeout, self._block_cap) * 1000))
-        answer = self.redis.xread({self.keys.events(run_id): f"0-{after}"}, count=500,
-                                  block=block_ms)
-        if not answer:
+        if not self.redis.xread({self.keys.bell(run_id): f"0-{after}"}, count=1,
+                                block=block_ms):
             return []
-        return [_event(entry_id, fields) for entry_id, fields in answer[0][1]]
+        return self.read_events(run_id, after)
 
     @_guarded
     def list_runs(self, query: RunQuery) -> list[StoredRun]:
@@ -508,8 +590,9 @@ class RedisRunStore:
             "resolved_by": approval.resolved_by,
             "resolved_at": approval.resolved_at,
         }
-        keys = [self.keys.run(approval.run_id), self.keys.approval(approval.run_id,
-                                                                  approval.approval_id)]
+        keys = [self.keys.run(approval.run_id),
+                self.keys.approval(approval.run_id, approval.approval_id),
+                self.keys.doc(approval.run_id)]
         self.index.hint_resolve(approval, expected_version)
         entries = [resolution_entry(approval, now)] if self.outbox else []
         args = [expected_version, approval.status, dumps(resolution), repr(now),
@@ -708,11 +791,14 @@ class RedisRunStore:
         pipe = self.redis.pipeline(transaction=False)
         for run_id, _ in entries:
             pipe.hgetall(self.keys.run(run_id))
+            pipe.get(self.keys.doc(run_id))
         runs, dead = [], []
         horizon = time.time() - RUN_HINT_GRACE_SECONDS
-        for (run_id, score), fields in zip(entries, pipe.execute(), strict=True):
+        answers = pipe.execute() if entries else []
+        for (run_id, score), fields, doc in zip(entries, answers[::2], answers[1::2],
+                                                strict=True):
             if fields and fields.get("session_id") == session_id:
-                runs.append(_run_from_hash(fields))
+                runs.append(_run_from_hash(fields, doc))
             elif score < horizon or fields:
                 dead.append(run_id)
         if dead:
@@ -742,7 +828,8 @@ class RedisRunStore:
     def _remove_run(self, session_id: str, removal: RunRemoval, now: float,
                     retain_seconds: int) -> None:
         rid = removal.run_id
-        keys = [self.keys.run(rid), self.keys.events(rid)]
+        keys = [self.keys.run(rid), self.keys.events(rid), self.keys.doc(rid),
+                self.keys.bell(rid)]
         keys += [self.keys.approval(rid, a) for a in removal.expire_approvals]
         keys += [self.keys.approval(rid, a) for a in removal.approval_ids]
         args = [removal.expected_version, repr(now), len(removal.expire_approvals),
@@ -768,13 +855,23 @@ class RedisRunStore:
     def _commit_entries(self, commit: Commit) -> list[OutboxEntry]:
         return commit_entries(commit) if self.outbox else []
 
+    def _outbox_hint(self, run_id: str, entries: list[OutboxEntry]) -> list[list[str]]:
+        """The outbox shard's entry for a run with new notifications, as [key, score,
+        member] (verified when claimed, like every index hint)."""
+        if not entries:
+            return []
+        return [[self.keys.outbox_shard(outbox_shard_of(run_id)), repr(entries[0].created_at),
+                 run_id]]
+
     def _with_outbox(self, run_id: str, keys: list[str], args: list[Any],
-                     entries: list[OutboxEntry]) -> tuple[list[str], list[Any]]:
+                     entries: list[OutboxEntry],
+                     hinted: bool = False) -> tuple[list[str], list[Any]]:
         """Append the outbox key and entries (the scripts' last key and ARGV tail); the
-        shard hint goes first, like every index hint, and is verified when claimed."""
-        if entries:
-            self.redis.zadd(self.keys.outbox_shard(outbox_shard_of(run_id)),
-                            {run_id: entries[0].created_at})
+        shard hint goes first, like every index hint (unless the script itself writes it,
+        `hinted`)."""
+        if entries and not hinted:
+            for key, score, member in self._outbox_hint(run_id, entries):
+                self.redis.zadd(key, {member: float(score)})
         tail: list[Any] = []
         for entry in entries:
             tail += [entry.entry_id, entry.payload, repr(entry.created_at)]
@@ -864,9 +961,3 @@ def _session_from_hash(fields: dict[str, str]) -> StoredSession:
         created_at=float(fields["created_at"]),
         updated_at=float(fields["updated_at"]),
     )
-
-
-def _event(entry_id: str, fields: dict[str, str]) -> StoredEvent:
-    return StoredEvent(seq=int(entry_id.split("-", 1)[1]), data=json.loads(fields["e"]))
-
-

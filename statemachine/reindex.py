@@ -2,10 +2,13 @@
 
 Use it after upgrading from a version with the old index layout (one `agent-runs:<agent>`,
 `approvals`, `approval-run`, `executing`, `paused` and `finished` key each, without shard
-tags), or if index keys were lost. It SCANs the run and approval hashes under the prefix (the
-only place that walks the whole keyspace, never a request), writes their index entries as a
-create would (idempotent: entries that exist are left as they are), and with `--drop-legacy`
-deletes the old layout's keys. Safe while servers run: every entry is a verified hint.
+tags), from one that kept a run's document in its hash and its events in a stream (each such
+run is moved to its document key and event list), or if index keys were lost. It SCANs the
+run and approval hashes under the prefix (the only place that walks the whole keyspace, never
+a request), writes their index entries as a create would (idempotent: entries that exist are
+left as they are), and with `--drop-legacy` deletes the old layout's keys. Safe while servers
+run: every entry is a verified hint (a run of the layout before the event list shows its
+events again once it is moved).
 
     REDIS_URL=... [REDIS_CLUSTER=1] [REDIS_KEY_PREFIX=agentos] python -m statemachine.reindex
 """
@@ -17,6 +20,7 @@ import json
 import os
 import sys
 
+from statemachine import lua
 from statemachine.redis_store import RedisRunStore, _run_from_hash, approval_from_hash
 
 LEGACY = ("approvals", "approval-run", "executing", "paused", "finished")
@@ -25,6 +29,7 @@ LEGACY = ("approvals", "approval-run", "executing", "paused", "finished")
 def reindex(store: RedisRunStore, *, drop_legacy: bool = False, batch: int = 500) -> dict:
     """Index every run and approval under the store's prefix; counts of what was done."""
     done = {"runs": 0, "approvals": 0, "legacy_keys_dropped": 0}
+    migrate, migrated = store.redis.register_script(lua.MIGRATE_RUN), 0
     prefix = store.keys.prefix
     for key in store.redis.scan_iter(match=f"{prefix}:run:*", count=batch, _type="hash"):
         fields = store.redis.hgetall(key)
@@ -34,10 +39,16 @@ def reindex(store: RedisRunStore, *, drop_legacy: bool = False, batch: int = 500
             _index_approval(store, fields)
             done["approvals"] += 1
         elif key.endswith("}"):
+            run_id = fields["run_id"]
+            migrated += int(migrate(keys=[
+                key, store.keys.doc(run_id), store.keys.events(run_id),
+                store.keys.legacy_events(run_id)]))
             _index_run(store, fields, store.redis.ttl(key))
             done["runs"] += 1
     if drop_legacy:
         done["legacy_keys_dropped"] = _drop_legacy(store, batch)
+    if migrated:
+        done["runs_migrated"] = migrated  # runs of the layout before the event list
     return done
 
 

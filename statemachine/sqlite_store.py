@@ -41,6 +41,7 @@ from statemachine.store import (
     CommitResult,
     Remember,
     RunQuery,
+    RunRead,
     RunRemoval,
     SessionLink,
     SessionQuery,
@@ -363,6 +364,27 @@ class SqliteRunStore:
         return _run_from_row(row)
 
     @_guarded
+    def read_run(self, run_id: str, *, events_after: int | None = None,
+                 recall: str | None = None) -> RunRead:
+        """The run, its events after `events_after` and a remembered outcome, as one read
+        (one transaction, so they agree with each other)."""
+        db = self._read()
+        db.execute("BEGIN")
+        try:
+            row = db.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?",
+                             (run_id,)).fetchone()
+            if row is None:
+                raise RunNotFound(run_id)
+            events = None if events_after is None else [
+                StoredEvent(seq=e["seq"], data=json.loads(e["data"])) for e in db.execute(
+                    "SELECT seq, data FROM events WHERE run_id = ? AND seq > ? ORDER BY seq",
+                    (run_id, events_after))]
+            remembered = None if recall is None else self._recalled(db, run_id, recall)
+        finally:
+            db.execute("COMMIT")
+        return RunRead(_run_from_row(row), events, remembered)
+
+    @_guarded
     def commit(self, commit: Commit) -> CommitResult:
         """Apply `commit` atomically if the run is still at its expected version."""
         with self._write() as db:
@@ -378,11 +400,13 @@ class SqliteRunStore:
             self._remember(db, commit)
             self._enqueue(db, commit_entries(commit) if self.outbox else [])
             finished = commit.now if commit.retain_seconds is not None else None
+            doc = commit.encoded_doc() or None  # None: the stored document stays
             db.execute(
-                "UPDATE runs SET state = ?, version = version + 1, doc = ?, updated_at = ?, "
-                "pending_approvals = ?, lease_owner = ?, lease_until = ?, paused_at = ?, "
-                "finished_at = ?, cancel_requested = 0, commit_token = ? WHERE run_id = ?",
-                (commit.state.value, dumps(commit.doc), commit.now, pending, commit.lease_owner,
+                "UPDATE runs SET state = ?, version = version + 1, doc = coalesce(?, doc), "
+                "updated_at = ?, pending_approvals = ?, lease_owner = ?, lease_until = ?, "
+                "paused_at = ?, finished_at = ?, cancel_requested = 0, commit_token = ? "
+                "WHERE run_id = ?",
+                (commit.state.value, doc, commit.now, pending, commit.lease_owner,
                  commit.lease_until, commit.paused_at, finished, commit.token, commit.run_id),
             )
         return CommitResult(version=commit.expected_version + 1, seqs=seqs)
@@ -605,7 +629,11 @@ class SqliteRunStore:
     @_guarded
     def recall(self, run_id: str, key: str) -> dict[str, Any] | None:
         """The outcome a commit remembered under (run, key), if it has not expired."""
-        row = self._read().execute(
+        return self._recalled(self._read(), run_id, key)
+
+    @staticmethod
+    def _recalled(db: sqlite3.Connection, run_id: str, key: str) -> dict[str, Any] | None:
+        row = db.execute(
             "SELECT value FROM idempotency WHERE scope = ? AND key = ? AND expires_at > ?",
             (run_id, key, time.time()),
         ).fetchone()

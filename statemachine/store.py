@@ -90,6 +90,12 @@ class Remember:
 class Commit:
     """One atomic write to a run, applied only if the run is still at `expected_version`.
 
+    `doc` None leaves the stored document as it is: a checkpoint that only appends events
+    (the deltas of a streamed answer) costs those events, not a rewrite of the run; then
+    `agent_id` names the run's agent for the Redis indexes. `envelope`, the run's identity
+    as its events carry it, lets a store keep it once instead of in every event. `doc_json`,
+    when given, is the document already encoded (whoever compared it with the stored one
+    need not encode twice).
     `lease_owner`/`lease_until` and `paused_at` are always written: None clears them.
     `approvals` are created pending (and count towards the admin guard); `expire_approvals`
     names pending approvals of this run that stop being resolvable; `approval_ids` lists all
@@ -111,7 +117,7 @@ class Commit:
     run_id: str
     expected_version: int
     state: RunState
-    doc: dict[str, Any]
+    doc: dict[str, Any] | None
     now: float
     events: list[dict[str, Any]] = field(default_factory=list)
     approvals: list[Approval] = field(default_factory=list)
@@ -126,12 +132,66 @@ class Commit:
     honour_cancel: bool = False
     lease_lapsed_by: float | None = None
     token: str | None = None
+    agent_id: str | None = None
+    doc_json: str | None = None
+    envelope: Envelope | None = None
+
+    def encoded_doc(self) -> str:
+        """The document as the store writes it; '' when the commit keeps the stored one."""
+        if self.doc is None:
+            return ""
+        if self.doc_json is None:
+            self.doc_json = dumps(self.doc)
+        return self.doc_json
+
+
+ENVELOPE_KEYS = ("agent_id", "agent_name", "run_id", "session_id")
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """The keys every event of a run carries after `created_at` and `event`, with the same
+    values: the run's identity. A store may keep them once per run and put them back when
+    it reads an event (`strip` / `dress`), in the same place, so the event reads as sent."""
+
+    agent_id: str
+    agent_name: str
+    run_id: str
+    session_id: str
+
+    def strip(self, event: dict[str, Any]) -> dict[str, Any] | None:
+        """`event` without its envelope, or None when it does not carry exactly this one
+        in that place (then it is stored whole)."""
+        keys = list(event)
+        if keys[2:6] != list(ENVELOPE_KEYS) or keys[:2] != ["created_at", "event"]:
+            return None
+        if (event["agent_id"], event["agent_name"], event["run_id"], event["session_id"]) \
+                != (self.agent_id, self.agent_name, self.run_id, self.session_id):
+            return None
+        return {k: v for k, v in event.items() if k not in ENVELOPE_KEYS}
+
+    def dress(self, stripped: dict[str, Any]) -> dict[str, Any]:
+        """The event `strip` took the envelope from, key order and all."""
+        rest = iter(stripped.items())
+        head = [next(rest), next(rest)]
+        return {**dict(head), "agent_id": self.agent_id, "agent_name": self.agent_name,
+                "run_id": self.run_id, "session_id": self.session_id, **dict(rest)}
 
 
 @dataclass
 class CommitResult:
     version: int
     seqs: list[int]
+
+
+@dataclass
+class RunRead:
+    """One read of a run: the run, its events after `after` when asked for, and the outcome
+    remembered under an idempotency key when one was named (None if none is)."""
+
+    run: StoredRun
+    events: list[StoredEvent] | None = None
+    remembered: dict[str, Any] | None = None
 
 
 @dataclass
@@ -252,6 +312,9 @@ class RunStore(Protocol):
 
     def get_run(self, run_id: str) -> StoredRun: ...
 
+    def read_run(self, run_id: str, *, events_after: int | None = None,
+                 recall: str | None = None) -> RunRead: ...
+
     def commit(self, commit: Commit) -> CommitResult: ...
 
     def read_events(self, run_id: str, after: int = 0, limit: int = 1000) -> list[StoredEvent]: ...
@@ -315,11 +378,13 @@ class RunStore(Protocol):
     def close(self) -> None: ...
 
 
-def read_all_events(store: RunStore, run_id: str, page: int = 1000) -> list[StoredEvent]:
-    """Every stored event of a run, read page by page (a run object is never truncated)."""
+def read_all_events(store: RunStore, run_id: str, page: int = 1000,
+                    after: int = 0) -> list[StoredEvent]:
+    """Every stored event of a run (after `after`), read page by page (a run object is never
+    truncated)."""
     events: list[StoredEvent] = []
     while True:
-        batch = store.read_events(run_id, events[-1].seq if events else 0, page)
+        batch = store.read_events(run_id, events[-1].seq if events else after, page)
         events.extend(batch)
         if len(batch) < page:
             return events

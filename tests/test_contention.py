@@ -31,16 +31,19 @@ from tests.servers import RedisServer, no_redis, wait_until
 
 
 class Chatterbox:
-    """A model that streams `deltas` pieces of text as fast as the store takes them."""
+    """A model that streams `deltas` pieces of text, one every `pace` seconds: its run
+    checkpoints every batch window for seconds (a fast model's deltas would be one batch)."""
 
     id = "chatterbox"
     provider = "test"
 
-    def __init__(self, deltas: int) -> None:
+    def __init__(self, deltas: int, pace: float = 0.001) -> None:
         self.deltas = deltas
+        self.pace = pace
 
     def stream_turn(self, messages, tools) -> Iterator:
         for i in range(self.deltas):
+            time.sleep(self.pace)
             yield ContentDelta(f"{i} ")
         yield TurnUsage(1, self.deltas)
 

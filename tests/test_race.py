@@ -70,11 +70,20 @@ class LockstepStore:
 
     def get_run(self, run_id: str):
         run = self._store.get_run(run_id)
+        self._lockstep()
+        return run
+
+    def read_run(self, run_id: str, **what):
+        read = self._store.read_run(run_id, **what)
+        self._lockstep()
+        return read
+
+    def _lockstep(self) -> None:
+        """Every contender has read the run before any of them decides on it."""
         barrier = getattr(self._local, "barrier", None)
         if barrier is not None:
             self._local.barrier = None
             barrier.wait(WAIT)
-        return run
 
     def commit(self, commit):
         try:

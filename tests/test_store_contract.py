@@ -583,7 +583,8 @@ def test_purge_keeps_a_run_whose_final_commit_lost(store):
 def assert_expiring(store: RedisRunStore, run_id: str, approval_id: str, alive_id: str):
     """Redis keeps a finished run's keys until their TTL runs out."""
     keys = store.keys
-    for key in (keys.run(run_id), keys.events(run_id), keys.approval(run_id, approval_id)):
+    for key in (keys.run(run_id), keys.events(run_id), keys.doc(run_id),
+                keys.approval(run_id, approval_id)):
         assert 0 < store.redis.ttl(key) <= 60, key
     assert store.redis.ttl(keys.run(alive_id)) == -1
 

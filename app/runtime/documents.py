@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from app.runtime.tools import CONFIRMATION, EXTERNAL_EXECUTION, USER_INPUT, Tool
+from statemachine.store import ENVELOPE_KEYS, Envelope
 
 REJECTED_BY_USER = "Function call was rejected by the user"
 REJECTED_BY_ADMIN = "Rejected by an admin"
@@ -139,6 +140,13 @@ def approval_doc(run: dict[str, Any], obj: dict[str, Any], pause_type: str) -> d
         "tool_call_id": obj["tool_call_id"],
         "created_at": now,
     }
+
+
+def envelope(run: dict[str, Any]) -> Envelope | None:
+    """The identity `event` puts in every event of the run (a store keeps it once); None
+    for a document without one."""
+    values = [run.get(key) for key in ENVELOPE_KEYS]
+    return Envelope(*values) if all(isinstance(v, str) for v in values) else None
 
 
 def event(run: dict[str, Any], name: str, **fields: Any) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any
 from app.runtime.documents import (
     REJECTED_BY_USER,
     approval_doc,
+    event,
     message,
     pause_content,
     requirements,
@@ -23,8 +24,8 @@ from app.runtime.documents import (
     waiting_kind,
 )
 from app.runtime.models import ContentDelta, ModelError, ToolCall, TurnUsage
-from app.runtime.resolution import REJECT, RESULT
-from app.runtime.session import APPLY_KEY, RunInterrupted, RunSession
+from app.runtime.resolution import EXECUTE, REJECT, RESULT
+from app.runtime.session import APPLY_KEY, STARTED_KEY, RunInterrupted, RunSession
 from app.runtime.tools import ToolCallContext, current_call, run_tool
 from statemachine.errors import StoreUnavailable
 from statemachine.states import Trigger
@@ -32,7 +33,7 @@ from statemachine.store import APPROVAL_PENDING, Approval
 
 log = logging.getLogger(__name__)
 
-__all__ = ["APPLY_KEY", "execute"]
+__all__ = ["APPLY_KEY", "execute", "announce_first_call"]
 
 
 def execute(session: RunSession) -> None:
@@ -63,9 +64,22 @@ def fail(session: RunSession, content: str, error_type: str) -> None:
         log.info("run %s was moved before its error could be recorded", session.run_id)
 
 
+def announce_first_call(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The `ToolCallStarted` of the first call a continue executes, for the continue's own
+    commit: the events before it are the continue's, so the order stays that of the log, its
+    commit still precedes the tool's side effect, and the run saves one commit."""
+    by_id = {obj["tool_call_id"]: obj for obj in doc["tools"]}
+    for call_id, action in doc.get(APPLY_KEY, []):
+        if action == EXECUTE:
+            doc[STARTED_KEY] = call_id
+            return [event(doc, "ToolCallStarted", tool=_public(by_id[call_id]))]
+    return []
+
+
 def apply_decisions(session: RunSession) -> None:
     """Act on the calls a continue resolved: execute, pass a result, or report a rejection."""
     by_id = {obj["tool_call_id"]: obj for obj in session.doc["tools"]}
+    announced = session.doc.pop(STARTED_KEY, None)
     for call_id, action in session.doc.pop(APPLY_KEY, []):
         obj = by_id[call_id]
         if action == REJECT:
@@ -75,7 +89,7 @@ def apply_decisions(session: RunSession) -> None:
         elif action == RESULT:
             session.doc["messages"].append(tool_message(obj, str(obj["result"]), error=False))
         else:
-            execute_call(session, obj)
+            execute_call(session, obj, announced=call_id == announced)
 
 
 def run_turns(session: RunSession) -> None:
@@ -121,9 +135,11 @@ def model_turn(session: RunSession) -> tuple[str, list[ToolCall]]:
     return "".join(pieces), calls
 
 
-def execute_call(session: RunSession, obj: dict[str, Any]) -> None:
-    """Run one tool now; its error, if any, goes to the model and the run goes on."""
-    session.emit("ToolCallStarted", tool=_public(obj))
+def execute_call(session: RunSession, obj: dict[str, Any], announced: bool = False) -> None:
+    """Run one tool now, once its `ToolCallStarted` is committed (`announced`: it already
+    is); its error, if any, goes to the model and the run goes on."""
+    if not announced:
+        session.emit("ToolCallStarted", tool=_public(obj), flush=True)
     tool = session.agent.tool(obj["tool_name"])
     started = time.time()
     token = current_call.set(ToolCallContext(session.run_id, obj["tool_call_id"],

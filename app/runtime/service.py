@@ -15,13 +15,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.runtime.agent import Agent
-from app.runtime.documents import epoch, event, message, new_id, waiting_calls
+from app.runtime.documents import envelope, epoch, event, message, new_id, waiting_calls
 from app.runtime.executor import RunExecutor
-from app.runtime.loop import execute
+from app.runtime.handoff import Channels, RunChannel
+from app.runtime.loop import announce_first_call, execute
 from app.runtime.resolution import resolve_pause
 from app.runtime.session import (
     APPLY_KEY,
     CANCELLED_BY_CLIENT,
+    STARTED_KEY,
     Lifecycle,
     RunSession,
     commit_fields,
@@ -40,8 +42,10 @@ from statemachine.store import (
     Commit,
     Remember,
     RunQuery,
+    RunRead,
     RunStore,
     SessionLink,
+    StoredEvent,
     StoredRun,
 )
 
@@ -92,10 +96,17 @@ class RunAccess:
 
 @dataclass(frozen=True)
 class Started:
-    """A run committed to execute; its stream starts after event `after`."""
+    """A run committed to execute; its stream starts after event `after`.
+
+    `channel` hands over the events of the execution this process started (None for a
+    replayed request, whose run may execute elsewhere); `history`, when asked for, holds the
+    run's events up to `after`, so a `stream=false` answer is built without another read.
+    """
 
     run_id: str
     after: int
+    channel: RunChannel | None = None
+    history: list[StoredEvent] | None = None
 
 
 class RunService:
@@ -107,6 +118,7 @@ class RunService:
         self.agents = agents
         self.settings = settings
         self.executor = executor
+        self.channels = Channels()
 
     @property
     def life(self) -> Lifecycle:
@@ -161,13 +173,13 @@ class RunService:
         link = SessionLink(run.session_id, agent.id, user_id, text, run.created_at, exclusive)
         self.executor.reserve()
         try:
-            run.version = self.store.create_run(run, [started], session=link,
-                                                remember=remember).version
+            result = self.store.create_run(run, [started], session=link, remember=remember)
         except BaseException:
             self.executor.release()
             raise
-        self._execute(agent, run)
-        return Started(run.run_id, after=0)
+        run.version, run.last_seq = result.version, result.seqs[-1]
+        channel = self._execute(agent, run, [StoredEvent(result.seqs[0], started)])
+        return Started(run.run_id, after=0, channel=channel, history=[])
 
     def _new_run(self, agent: Agent, run_id: str, text: str, session_id: str,
                  user_id: str | None):
@@ -187,48 +199,79 @@ class RunService:
                          updated_at=now, doc=doc, lease_owner=fields["lease_owner"],
                          lease_until=fields["lease_until"])
 
-    def _execute(self, agent: Agent, run: StoredRun) -> None:
-        session = RunSession(self.store, agent, run, self.life)
-        self.executor.submit(run.run_id, lambda: execute(session))
+    def _execute(self, agent: Agent, run: StoredRun,
+                 events: list[StoredEvent]) -> RunChannel:
+        """Execute `run` here; its channel starts with `events`, the ones that started it."""
+        channel = self.channels.open(run.run_id, events)
+        session = RunSession(self.store, agent, run, self.life, channel)
+
+        def work() -> None:
+            try:
+                execute(session)
+            finally:
+                session.finish()
+                self.channels.close(channel)
+
+        self.executor.submit(run.run_id, work)
+        return channel
 
     # -- continue -------------------------------------------------------------------------
 
     def continue_run(self, access: RunAccess, tools: list[dict[str, Any]],
-                     idempotency: Idempotency | None = None) -> Started:
+                     idempotency: Idempotency | None = None, *,
+                     history: bool = False) -> Started:
         """PAUSED -> CONTINUED with the client's decisions, exactly once across processes.
 
         With an Idempotency-Key, the outcome is remembered in the same commit, and a retry
         (even one that raced the first attempt and lost) gets the first attempt's stream.
+        The run, the remembered outcome and (with `history`) the run's events are one read.
         """
         agent = self.agent(access.agent_id)
         for _ in range(CAS_ATTEMPTS):
-            run = self.visible_run(access)
-            replay = self._replay(run.run_id, idempotency)
+            read = self._visible_read(access, history, idempotency)
+            run = read.run
+            replay = self._replayed(run.run_id, idempotency, read.remembered)
             if replay is not None:
                 return replay
             decide(run.state, Trigger.CONTINUE, admin_pending=run.admin_pending)
             resolved, actions = resolve_pause(run.doc["tools"], tools, self._decided(run))
             doc = {**run.doc, "tools": resolved, APPLY_KEY: actions}
+            after = run.last_seq
             try:
-                run = self._commit_continue(run, doc, idempotency)
+                run, events = self._commit_continue(run, doc, idempotency)
             except StaleRun:
                 continue
-            self._execute(agent, run)
-            return Started(run.run_id, after=run.last_seq - 1)
+            channel = self._execute(agent, run, events)
+            return Started(run.run_id, after=after, channel=channel, history=read.events)
         raise StaleRun(access.run_id)
+
+    def _visible_read(self, access: RunAccess, history: bool,
+                      idempotency: Idempotency | None) -> RunRead:
+        """`visible_run`, with the events and the remembered outcome in the same read."""
+        read = self.store.read_run(access.run_id, events_after=0 if history else None,
+                                   recall=idempotency.key if idempotency else None)
+        if not _visible(read.run, access):
+            raise RunNotFound(access.run_id)
+        if self._settle(read.run):
+            return self._visible_read(access, history, idempotency)
+        return read
 
     def _replay(self, run_id: str, idempotency: Idempotency | None) -> Started | None:
         if idempotency is None:
             return None
-        remembered = self.store.recall(run_id, idempotency.key)
-        if remembered is None:
+        return self._replayed(run_id, idempotency, self.store.recall(run_id, idempotency.key))
+
+    @staticmethod
+    def _replayed(run_id: str, idempotency: Idempotency | None,
+                  remembered: dict[str, Any] | None) -> Started | None:
+        if idempotency is None or remembered is None:
             return None
         if remembered["fingerprint"] != idempotency.fingerprint:
             raise IdempotencyMismatch(idempotency.key)
         return Started(run_id, after=int(remembered["after"]))
 
     def _commit_continue(self, run: StoredRun, doc: dict[str, Any],
-                         idempotency: Idempotency | None) -> StoredRun:
+                         idempotency: Idempotency | None) -> tuple[StoredRun, list[StoredEvent]]:
         now = time.time()
         doc["updated_at"] = int(now)
         remember = None
@@ -237,8 +280,9 @@ class RunService:
                                                   "after": run.last_seq}, idempotency.ttl)
         commit = Commit(run_id=run.run_id, expected_version=run.version,
                         state=RunState.CONTINUED, doc=doc, now=now,
-                        events=[event(doc, "RunContinued")],
+                        events=[event(doc, "RunContinued"), *announce_first_call(doc)],
                         approval_ids=doc.get("_approval_ids", []), remember=remember,
+                        envelope=envelope(doc),
                         **commit_fields(RunState.CONTINUED, self.life, now))
         self.executor.reserve()
         try:
@@ -248,7 +292,9 @@ class RunService:
             raise
         run.version, run.state, run.doc, run.last_seq = (
             result.version, RunState.CONTINUED, doc, result.seqs[-1])
-        return run
+        run.updated_at = now
+        return run, [StoredEvent(seq, data) for seq, data
+                     in zip(result.seqs, commit.events, strict=True)]
 
     def _decided(self, run: StoredRun) -> dict[str, Approval]:
         """The admins' decisions on the calls waiting now, by approval id, as the resolve
@@ -297,6 +343,7 @@ class RunService:
         now = time.time()
         doc = dict(run.doc)
         doc.pop(APPLY_KEY, None)
+        doc.pop(STARTED_KEY, None)
         doc["updated_at"] = int(now)
         if "content" in fields:
             doc["content"] = fields["content"]
@@ -305,7 +352,9 @@ class RunService:
             run_id=run.run_id, expected_version=run.version, state=state, doc=doc, now=now,
             events=[event(doc, name, **fields)], approval_ids=approval_ids,
             expire_approvals=approval_ids if run.admin_pending else [],
-            lease_lapsed_by=lease_lapsed_by, **commit_fields(state, self.life, now)))
+            lease_lapsed_by=lease_lapsed_by, envelope=envelope(doc),
+            **commit_fields(state, self.life, now)))
+        self.channels.drop(run.run_id)
 
     # -- reads ----------------------------------------------------------------------------
 

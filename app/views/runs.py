@@ -13,6 +13,7 @@ from app.context import agentos
 from app.decoding import lone_surrogate_at
 from app.errors import ApiError
 from app.representation import run_object
+from app.runtime.handoff import RunChannel
 from app.runtime.service import Idempotency, RunAccess, Started
 from app.schemas import (
     MAX_EVENT_ID,
@@ -62,7 +63,7 @@ def continue_run(agent_id: str, run_id: str) -> Response:
     form = CONTINUE_FORM.load(request.form)
     tools = parse_tools(form["tools"])
     started = agentos().service.continue_run(access(agent_id, run_id, form), tools,
-                                             idempotency(form))
+                                             idempotency(form), history=not form["stream"])
     return run_answer(agent_id, started, form["stream"])
 
 
@@ -195,20 +196,33 @@ def _bad_tools(what: str) -> ApiError:
 def run_answer(agent_id: str, started: Started, stream: bool) -> Response:
     """The stream from the run's first new event, or the run object once it stops."""
     if stream:
-        return stream_response(agent_id, started.run_id, started.after)
+        return stream_response(agent_id, started.run_id, started.after, channel=started.channel)
     os = agentos()
     # A budget already spent (the commit landed, then a clean-up write met an outage and gave
     # up at the deadline) answers now: the wait would add a socket timeout of its own.
     deadline.check("store")
     with deadline.budget(None):  # waiting for the run is not store work: no request budget
-        for _ in _follow(started.run_id, started.after, outages=False):
+        for _ in _follow(started.run_id, started.after, outages=False, channel=started.channel):
             pass
+    handed = _handed_over(started)
+    if handed is not None:
+        return jsonify(handed)
     with deadline.budget(os.settings["STORE_TIMEOUT_SECONDS"]):
         run = os.store.get_run(started.run_id)
         return jsonify(run_object(run, read_all_events(os.store, run.run_id)))
 
 
-def stream_response(agent_id: str, run_id: str, after: int, history_until: int = 0) -> Response:
+def _handed_over(started: Started) -> dict[str, Any] | None:
+    """The run object from what this process's execution handed over (its last commit and
+    its events, after the history read with the request), or None to read the store."""
+    channel = started.channel
+    if channel is None or channel.final is None or started.history is None:
+        return None
+    return run_object(channel.final, started.history + channel.all_events())
+
+
+def stream_response(agent_id: str, run_id: str, after: int, history_until: int = 0,
+                    channel: RunChannel | None = None) -> Response:
     """An SSE response; status and headers are fixed before the first event is read.
 
     A resume (`/events`) replays every stored event up to `history_until`, across pauses;
@@ -217,15 +231,19 @@ def stream_response(agent_id: str, run_id: str, after: int, history_until: int =
     location = url_for("runs.run_events", agent_id=agent_id, run_id=run_id,
                        last_event_id=after)
     headers = {**HEADERS, "Location": location}
-    return Response(sse_body(_follow(run_id, after, history_until, outages=True)), status=200,
-                    content_type=MIMETYPE, headers=headers)
+    return Response(sse_body(_follow(run_id, after, history_until, outages=True,
+                                     channel=channel)),
+                    status=200, content_type=MIMETYPE, headers=headers)
 
 
-def _follow(run_id: str, after: int, history_until: int = 0, *, outages: bool):
+def _follow(run_id: str, after: int, history_until: int = 0, *, outages: bool,
+            channel: RunChannel | None = None):
     """Follow the run; a stream waits a store outage out for a lease (its pings keep the
     client), while a `stream=false` answer is a 503 at once (it must answer in its budget)."""
     os = agentos()
     return follow(os.store, run_id, after, os.service.current_state,
                   ping_seconds=os.settings["STREAM_PING_SECONDS"],
                   max_seconds=os.settings["STREAM_MAX_SECONDS"], history_until=history_until,
-                  outage_seconds=os.settings["RUN_LEASE_SECONDS"] if outages else 0.0)
+                  outage_seconds=os.settings["RUN_LEASE_SECONDS"] if outages else 0.0,
+                  channel=channel, channels=os.service.channels,
+                  stall_seconds=os.settings["STORE_TIMEOUT_SECONDS"])

@@ -1,0 +1,208 @@
+"""The hot path (issue 12): what a continue costs the store, and what a delta costs it.
+
+These count writes and round trips, never time: the figures themselves are `make bench`'s.
+Every guarantee they trade on (exactly once, resumes, cancel) keeps its own tests elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+
+from app import create_app
+from app.runtime.agent import Agent
+from app.runtime.models import ContentDelta, TurnUsage
+from statemachine import lua, redis_store
+from statemachine.reindex import reindex
+from statemachine.states import RunState
+from statemachine.store import Envelope
+from tests.servers import wait_until
+
+
+class RecordingStore:
+    """The real store; it remembers every commit it was given."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.commits: list[Any] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def commit(self, commit):
+        self.commits.append(commit)
+        return self._store.commit(commit)
+
+
+class Talker:
+    """A model that answers with `deltas` words, `pace` seconds apart."""
+
+    id = "talker"
+    provider = "test"
+
+    def __init__(self, deltas: int, pace: float = 0.0) -> None:
+        self.deltas, self.pace = deltas, pace
+
+    def stream_turn(self, messages, tools):
+        for i in range(self.deltas):
+            if self.pace:
+                time.sleep(self.pace)
+            yield ContentDelta(f"w{i} ")
+        yield TurnUsage(1, self.deltas)
+
+
+def app_with(store, *agents: Agent):
+    return create_app({"STORE": store, "AGENTS": list(agents) or None,
+                       "SWEEP_INTERVAL_SECONDS": 3600})
+
+
+@pytest.fixture
+def recording(store):
+    return RecordingStore(store)
+
+
+def confirm_tools(run: dict) -> str:
+    return json.dumps([{"tool_call_id": run["tools"][0]["tool_call_id"], "confirmed": True}])
+
+
+def test_a_fast_turn_is_one_commit_and_a_checkpoint_keeps_the_stored_document(recording):
+    app = app_with(recording, Agent(id="talker", model=Talker(200)))
+    try:
+        answer = app.test_client().post("/agents/talker/runs",
+                                        data={"message": "go", "stream": "false"})
+        assert answer.status_code == 200 and answer.json["status"] == "COMPLETED"
+        assert len([e for e in answer.json["events"] if e["event"] == "RunContent"]) == 200
+        assert len(recording.commits) == 1  # the whole turn, with the final state
+        slow = Agent(id="slow", model=Talker(20, pace=0.03))
+        app.extensions["agentos"].service.agents["slow"] = slow
+        recording.commits.clear()
+        answer = app.test_client().post("/agents/slow/runs",
+                                        data={"message": "go", "stream": "false"})
+        assert answer.json["status"] == "COMPLETED"
+        checkpoints = recording.commits[:-1]
+        assert len(checkpoints) >= 10  # each delta within its batch window
+        assert all(c.doc is None and c.state is RunState.RUNNING for c in checkpoints[1:])
+        assert recording.commits[-1].doc is not None
+        run = recording.get_run(answer.json["run_id"])
+        assert run.doc["content"] == "".join(f"w{i} " for i in range(20))
+    finally:
+        app.extensions["agentos"].executor.shutdown(wait=True)
+
+
+def test_a_tool_runs_only_after_its_started_event_is_committed(store):
+    app = app_with(store)
+    client = app.test_client()
+    try:
+        run = client.post("/agents/confirm-agent/runs",
+                          data={"message": "hi", "stream": "false"}).json
+        seen: list[list[str]] = []
+        tool = app.extensions["agentos"].agents["confirm-agent"].tool(
+            run["tools"][0]["tool_name"])
+        original = tool.function
+
+        def spying(**arguments):
+            seen.append([e.name for e in store.read_events(run["run_id"])])
+            return original(**arguments)
+
+        object.__setattr__(tool, "function", spying)
+        try:
+            done = client.post(f"/agents/confirm-agent/runs/{run['run_id']}/continue",
+                               data={"tools": confirm_tools(run), "stream": "false"}).json
+        finally:
+            object.__setattr__(tool, "function", original)
+        assert done["status"] == "COMPLETED"
+        assert seen and seen[0][-2:] == ["RunContinued", "ToolCallStarted"]
+        names = [e["event"] for e in done["events"]]
+        assert names == [e.name for e in store.read_events(run["run_id"])]
+        assert names.count("ToolCallStarted") == names.count("ToolCallCompleted") == 1
+    finally:
+        app.extensions["agentos"].executor.shutdown(wait=True)
+
+
+@pytest.fixture
+def redis_only(redis_url, redis_prefix):
+    """A store on one Redis server (the round trips counted are that layout's)."""
+    store = redis_store.RedisRunStore(redis_url, prefix=redis_prefix)
+    yield store
+    store.close()
+
+
+def test_a_continue_that_completes_costs_three_round_trips(redis_only, monkeypatch):
+    app = app_with(redis_only)
+    client = app.test_client()
+    sent: list[int] = []
+    try:
+        run = client.post("/agents/confirm-agent/runs",
+                          data={"message": "hi", "stream": "false"}).json
+        monkeypatch.setattr(redis_store, "on_round_trip", lambda: sent.append(1))
+        done = client.post(f"/agents/confirm-agent/runs/{run['run_id']}/continue",
+                           data={"tools": confirm_tools(run), "stream": "false"})
+        monkeypatch.setattr(redis_store, "on_round_trip", lambda: None)
+        assert done.status_code == 200 and done.json["status"] == "COMPLETED"
+        assert len(sent) == 3  # one read, the continue's commit, the turn's commit
+        stored = redis_only.get_run(run["run_id"])
+        assert done.json["events"] == [e.data for e in redis_only.read_events(run["run_id"])]
+        assert done.json["content"] == stored.doc["content"]
+    finally:
+        app.extensions["agentos"].executor.shutdown(wait=True)
+
+
+def test_events_are_read_back_as_committed_with_or_without_their_envelope(redis_only):
+    app = app_with(redis_only)
+    try:
+        run = app.test_client().post("/agents/confirm-agent/runs",
+                                     data={"message": "hi", "stream": "false"}).json
+        raws = redis_only.redis.lrange(redis_only.keys.events(run["run_id"]), 0, -1)
+        assert all(raw.startswith("~") for raw in raws)  # kept once, in the run's hash
+        assert [e.data for e in redis_only.read_events(run["run_id"])] == run["events"]
+        assert list(run["events"][0])[:6] == ["created_at", "event", "agent_id", "agent_name",
+                                              "run_id", "session_id"]
+    finally:
+        app.extensions["agentos"].executor.shutdown(wait=True)
+    envelope = Envelope("a", "A", "r", "s")
+    odd = {"created_at": 1, "event": "X", "agent_id": "a", "agent_name": "B", "run_id": "r",
+           "session_id": "s"}
+    assert envelope.strip(odd) is None  # another envelope is kept whole
+    same = {**odd, "agent_name": "A", "tools": [1]}
+    assert envelope.dress(envelope.strip(same)) == same
+    assert list(envelope.dress(envelope.strip(same))) == list(same)
+
+
+def test_reindex_moves_a_run_of_the_layout_before_the_event_list(redis_only):
+    app = app_with(redis_only)
+    try:
+        run = app.test_client().post("/agents/confirm-agent/runs",
+                                     data={"message": "hi", "stream": "false"}).json
+    finally:
+        app.extensions["agentos"].executor.shutdown(wait=True)
+    client, keys, rid = redis_only.redis, redis_only.keys, run["run_id"]
+    events = [e.data for e in redis_only.read_events(rid)]
+    doc = client.get(keys.doc(rid))
+    client.delete(keys.doc(rid), keys.events(rid), keys.bell(rid))  # as an old version kept it
+    client.hdel(keys.run(rid), "agent_name")
+    client.hset(keys.run(rid), "doc", doc)
+    for seq, data in enumerate(events, start=1):
+        client.xadd(keys.legacy_events(rid), {"e": json.dumps(data)}, id=f"0-{seq}")
+    done = reindex(redis_only)
+    assert done["runs_migrated"] == 1
+    assert [e.data for e in redis_only.read_events(rid)] == events
+    assert redis_only.get_run(rid).doc == json.loads(doc)
+    assert not client.exists(keys.legacy_events(rid)) and not client.hexists(keys.run(rid), "doc")
+    assert "runs_migrated" not in reindex(redis_only)
+
+
+def test_a_paused_run_lets_its_bell_go(redis_only):
+    app = app_with(redis_only)
+    try:
+        run = app.test_client().post("/agents/confirm-agent/runs",
+                                     data={"message": "hi", "stream": "false"}).json
+    finally:
+        app.extensions["agentos"].executor.shutdown(wait=True)
+    bell = redis_only.keys.bell(run["run_id"])
+    assert 0 < redis_only.redis.pttl(bell) <= lua.BELL_MS
+    wait_until(lambda: not redis_only.redis.exists(bell), timeout=lua.BELL_MS / 1000 + 5,
+               what="the bell to expire")
+    assert redis_only.get_run(run["run_id"]).state is RunState.PAUSED
