@@ -19,14 +19,16 @@ APPROVAL_KEYS = (
 
 
 def run_object(run: StoredRun, events: list[StoredEvent]) -> dict[str, Any]:
-    """The run as JSON: its document, wire status, and every event stored so far."""
+    """The run as JSON: its document, wire status, and every event stored so far (each
+    already compact: `documents.event` made it so)."""
     body = dict(run.doc)
     body["status"] = run.state.wire_status
     body["updated_at"] = int(run.updated_at)
-    body["events"] = [e.data for e in events]
     if run.state is RunState.PAUSED:
         body["requirements"] = requirements(run.run_id, run.doc["tools"])
-    return compact(body)
+    body = compact(body)
+    body["events"] = [e.data for e in events]
+    return body
 
 
 def agent_object(agent: Agent, db_id: str) -> dict[str, Any]:

@@ -8,9 +8,10 @@ events' envelope), then the events (JSON, '~' before one stored without its enve
 new approval documents. ARGV 15-17 are the commit's conditions and token: honour a cancel
 request ('1'), apply only while the stored lease is lapsed at this time, the commit's token.
 CREATE's KEYS: run hash, events list, idempotency key, document, bell; ARGV: event count, the
-run's fields, the document, the events, then the remembered outcome ('' for none) and its
-TTL. RESOLVE's KEYS: run hash, approval, document, outbox; ARGV: the expected version,
-status, resolution, time, the run's new document ('' keeps it), then the outbox tail.
+run's fields, the document, the events, then the remembered outcome ('' for none), its TTL and
+the index writes on a single server ('' for none). RESOLVE's KEYS: run hash, approval,
+document, outbox; ARGV: the expected version, status, resolution, time, the run's new
+document ('' keeps it), then the outbox tail.
 
 Return codes shared by the scripts: -1 run (or session) missing, -2 stale version (or a
 session that gained runs, a lease that is no longer lapsed, a state that moved), -3
@@ -22,6 +23,25 @@ the run.
 BELL_MS = 3000
 """How long a run's bell outlives the commit that paused or ended it: a follower that read
 the run just before that commit still finds the commit's entry when it blocks."""
+
+# Index writes made inside the script that commits the run, on a single Redis server (see
+# `RedisIndex.inline`): the run's latest hinted version, its identity (a create's), the
+# sorted-set entries it makes true (a score, or the member's score in another set), its
+# approvals' owners, then the entries it makes stale.
+INDEX_WRITES = """
+local function index_writes(raw)
+  local ix = cjson.decode(raw)
+  redis.call('HSET', ix.h, ix.run, ix.v)
+  if ix.id then redis.call('HSETNX', ix.id[1], ix.run, ix.id[2]) end
+  for _, z in ipairs(ix.z) do
+    local score = z[2]
+    if z[4] ~= '' then score = redis.call('ZSCORE', z[4], z[3]) end
+    if score then redis.call('ZADD', z[1], score, z[3]) end
+  end
+  for _, f in ipairs(ix.s) do redis.call('HSET', f[1], f[2], f[3]) end
+  for _, r in ipairs(ix.r) do redis.call('ZREM', r[1], r[2]) end
+end
+"""
 
 # The outbox block that COMMIT, RESOLVE and DELETE_RUN share (issue 15).
 OUTBOX_TAIL = """
@@ -38,7 +58,7 @@ end
 -- end outbox ------------------------------------------------------------------------------
 """
 
-COMMIT = """
+COMMIT = INDEX_WRITES + """
 local v = redis.call('HGET', KEYS[1], 'version')
 if not v then return {-1} end
 if ARGV[15] == '1' and redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
@@ -96,24 +116,11 @@ end
 if ARGV[13] ~= '' then
   redis.call('SET', KEYS[3], ARGV[13], 'EX', tonumber(ARGV[14]))
 end
-if ARGV[18] ~= '' then
-  -- The commit's index writes, on a single server (see `RedisIndex.inline`): the run's
-  -- latest hinted version, the entries it makes true (a score, or the member's score in
-  -- another set), its approvals' owners, then the entries it makes stale.
-  local ix = cjson.decode(ARGV[18])
-  redis.call('HSET', ix.h, ix.run, tonumber(v) + 1)
-  for _, z in ipairs(ix.z) do
-    local score = z[2]
-    if z[4] ~= '' then score = redis.call('ZSCORE', z[4], z[3]) end
-    if score then redis.call('ZADD', z[1], score, z[3]) end
-  end
-  for _, f in ipairs(ix.s) do redis.call('HSET', f[1], f[2], f[3]) end
-  for _, r in ipairs(ix.r) do redis.call('ZREM', r[1], r[2]) end
-end
+if ARGV[18] ~= '' then index_writes(ARGV[18]) end
 """.replace("BELL_MS", str(BELL_MS)) + OUTBOX_TAIL + """return out
 """
 
-CREATE = """
+CREATE = INDEX_WRITES + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {-5} end
 local n = tonumber(ARGV[1])
 local fields = cjson.decode(ARGV[2])
@@ -133,6 +140,7 @@ redis.call('HSET', KEYS[1], 'last_seq', n)
 if ARGV[4 + n] and ARGV[4 + n] ~= '' then
   redis.call('SET', KEYS[3], ARGV[4 + n], 'EX', tonumber(ARGV[5 + n]))
 end
+if ARGV[6 + n] and ARGV[6 + n] ~= '' then index_writes(ARGV[6 + n]) end
 return out
 """
 

@@ -196,6 +196,9 @@ class RedisIndex:
         self._hint_run(run, run.version, finished_at)
 
     def _hint_run(self, run: StoredRun, version: int, finished_at: float | None) -> None:
+        self._run_hint(run, version, finished_at).run(self.redis)
+
+    def _run_hint(self, run: StoredRun, version: int, finished_at: float | None) -> _Hint:
         k, s = self.keys, shard_of(run.run_id)
         hint = _Hint(k, run.run_id, version, _identity(run))
         for key in self._identity_keys(s, run.agent_id, run.session_id, run.user_id):
@@ -203,7 +206,15 @@ class RedisIndex:
         hint.add(k.agent_state_runs(s, run.agent_id, run.state.value), run.run_id,
                  run.created_at)
         self._lifecycle(hint, run.run_id, run.lease_until, run.paused_at, finished_at)
-        hint.run(self.redis)
+        return hint
+
+    def inline_create(self, run: StoredRun) -> str:
+        """A new run's index entries as the JSON its CREATE applies (see `inline`); a create
+        that finds the run existing writes none, so a duplicate moves nothing."""
+        hint = self._run_hint(run, 1, None)
+        return json.dumps({"h": hint.keys[0], "run": run.run_id, "v": 1,
+                           "id": [hint.keys[1], hint.args[2]], "z": hint.entries(),
+                           "s": [], "r": []}, separators=(",", ":"))
 
     def hint_stored_approval(self, approval: Approval, created_at: float) -> None:
         """The entries of an approval that exists already (a rebuild)."""
@@ -234,7 +245,8 @@ class RedisIndex:
         entries = [*hint.entries(), *([key, score, member, ""] for key, score, member in extra)]
         removals = [[key, member] for keys, member in self._made_stale(commit)
                     for key in keys]
-        return json.dumps({"h": hint.keys[0], "run": commit.run_id, "z": entries,
+        return json.dumps({"h": hint.keys[0], "run": commit.run_id,
+                           "v": commit.expected_version + 1, "z": entries,
                            "s": [list(owner) for owner in owners], "r": removals},
                           separators=(",", ":"))
 

@@ -352,11 +352,14 @@ class RedisRunStore:
         the run's, so one script cannot write both. A session whose run then failed to be
         stored keeps a run hint that reads drop (after RUN_HINT_GRACE_SECONDS) and may keep
         that run's message as its name; a run is never stored without its session.
-        `remember` (an Idempotency-Key's outcome) is written by the run's own script.
+        `remember` (an Idempotency-Key's outcome) is written by the run's own script. On a
+        single server the session's hints and link are one transaction and the run's index
+        entries go inside its CREATE: two round trips.
         """
         if session is not None:
             self._link(session, run.run_id)
-        self.index.hint_create(run)
+        if self.cluster:
+            self.index.hint_create(run)
         envelope = _creation_envelope(run)
         fields = {
             "run_id": run.run_id,
@@ -379,7 +382,8 @@ class RedisRunStore:
                 self.keys.doc(rid), self.keys.bell(rid)]
         out = self._create(keys=keys, args=[
             len(events), dumps(fields), dumps(run.doc), *(_pack(e, envelope) for e in events),
-            dumps(remember.value) if remember else "", remember.ttl if remember else 0])
+            dumps(remember.value) if remember else "", remember.ttl if remember else 0,
+            "" if self.cluster else self.index.inline_create(run)])
         if out[0] == -5:
             raise StaleRun(f"run {run.run_id} already exists")
         return CommitResult(version=1, seqs=[int(s) for s in out[1:]])
@@ -635,11 +639,14 @@ class RedisRunStore:
 
     def _link(self, link: SessionLink, run_id: str) -> None:
         """Index hints first, then the session itself (made, or joined by the run)."""
-        self._hint_session(link.session_id, link.agent_id, link.user_id, link.now, link.now)
         keys = [self.keys.session(link.session_id), self.keys.session_runs(link.session_id)]
-        out = self._link_session(keys=keys, args=[
-            link.session_id, link.agent_id, link.user_id or "", link.message,
-            repr(link.now), run_id, "1" if link.exclusive else ""])
+        args = [link.session_id, link.agent_id, link.user_id or "", link.message,
+                repr(link.now), run_id, "1" if link.exclusive else ""]
+        out = None if self.cluster else self._hinted_link(link, keys, args)
+        if out is None:
+            self._hint_session(link.session_id, link.agent_id, link.user_id, link.now,
+                               link.now)
+            out = self._link_session(keys=keys, args=args)
         if out[0] == -6:
             self._restore_updated(link.session_id)
             raise SessionOwnedElsewhere(link.session_id)
@@ -648,6 +655,21 @@ class RedisRunStore:
             self._index_created(link.session_id, agent_id, user_id, float(out[3]))
         if (agent_id, user_id) != (link.agent_id, link.user_id):
             self._hint_session(link.session_id, agent_id, user_id, None, link.now)
+
+    def _hinted_link(self, link: SessionLink, keys: list[str], args: list[Any]) -> Any:
+        """The hints and the link as one MULTI/EXEC (a single server: one round trip, and
+        a server that refuses a write refuses them all). None if the server did not know
+        the script yet: the caller then sends both as usual (the hints are idempotent)."""
+        pipe = self.redis.pipeline(transaction=True)
+        self._queue_session_hints(pipe, link.session_id, link.agent_id, link.user_id,
+                                  link.now, link.now)
+        pipe.execute_command("EVALSHA", self._link_session.sha, len(keys), *keys, *args)
+        out = pipe.execute(raise_on_error=False)[-1]
+        if isinstance(out, redis.exceptions.NoScriptError):
+            return None
+        if isinstance(out, Exception):
+            raise out
+        return out
 
     def _index_created(self, session_id: str, agent_id: str | None, user_id: str | None,
                        created_at: float) -> None:
@@ -672,12 +694,18 @@ class RedisRunStore:
         """Listing hints: a session's creation time (never replacing an entry) and a later
         `updated_at` (only ever moving it forward; a `new` session's never replaces one)."""
         pipe = self.redis.pipeline(transaction=False)
+        self._queue_session_hints(pipe, session_id, agent_id, user_id, created_at, updated_at,
+                                  new)
+        pipe.execute()
+
+    def _queue_session_hints(self, pipe: Any, session_id: str, agent_id: str | None,
+                             user_id: str | None, created_at: float | None,
+                             updated_at: float, new: bool = False) -> None:
         if created_at is not None:
             for key in self._index_keys(session_id, "created_at", agent_id, user_id):
                 pipe.zadd(key, {session_id: created_at}, nx=True)
         for key in self._index_keys(session_id, "updated_at", agent_id, user_id):
             pipe.zadd(key, {session_id: updated_at}, nx=new, gt=not new)
-        pipe.execute()
 
     def _restore_updated(self, session_id: str) -> None:
         """Put back the stored `updated_at` after a hint for a write that did not happen."""

@@ -173,14 +173,16 @@ def is_user_input_field(value: Any) -> bool:
 def compact(value: Any) -> Any:
     """Drop null-valued keys, except inside tool objects, where every key is always present,
     and in user-input fields (a requirement's `user_input_schema`), which the reference's
-    client reads key by key."""
-    if is_user_input_field(value):
-        return dict(value)
-    if is_tool_object(value):
-        return {k: v for k, v in value.items() if not k.startswith("_")}
+    client reads key by key. Keys with a leading underscore are internal: always dropped.
+
+    Every event and every answer passes through here, so scalars are kept without a call."""
     if isinstance(value, dict):
-        return {k: compact(v) for k, v in value.items() if v is not None and
-                not k.startswith("_")}
+        if "tool_call_id" in value and "tool_args" in value:  # a tool object
+            return {k: v for k, v in value.items() if not k.startswith("_")}
+        if "name" in value and "field_type" in value:  # a user-input field
+            return dict(value)
+        return {k: compact(v) if isinstance(v, dict | list) else v
+                for k, v in value.items() if v is not None and not k.startswith("_")}
     if isinstance(value, list):
-        return [compact(item) for item in value]
+        return [compact(item) if isinstance(item, dict | list) else item for item in value]
     return value
