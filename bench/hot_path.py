@@ -16,6 +16,7 @@ configuration, each driven from separate processes:
 It prints one JSON line per figure and a Markdown summary at the end; it asserts nothing.
 
     python -m bench.hot_path [--seconds 10] [--concurrency 1,16,64] [--stored 1000,1000000]
+                             [--only rates,streamed,costs,flat]
 """
 
 from __future__ import annotations
@@ -105,10 +106,9 @@ def flatness(url: str, prefix: str, ours: Gunicorn, stored: list[int]) -> list[d
     """Continue latency as the number of stored runs grows (bulk-loaded, not via HTTP)."""
     rows, loaded = [], 0
     for target in stored:
-        rate = redis_costs.bulk_load(url, prefix, target - loaded) if target > loaded else 0
+        load = redis_costs.bulk_load(url, prefix, target - loaded) if target > loaded else {}
         loaded = max(loaded, target)
-        rows.append(emit("continue_latency_vs_stored", stored_runs=loaded,
-                         bulk_load_runs_per_second=rate,
+        rows.append(emit("continue_latency_vs_stored", stored_runs=loaded, **load,
                          **redis_costs.continue_latency(ours.url)))
     return rows
 
@@ -121,10 +121,16 @@ def bench_redis(args, bare: Gunicorn, results: dict) -> None:
     server = RedisServer().start()
     try:
         prefix = f"bench-{uuid.uuid4().hex[:6]}"
-        with serving(redis_env(server.url, prefix)) as ours:
-            results["redis_rates"] = request_rates("redis", ours, bare, args)
-            results["redis_streamed"] = streamed("redis", ours, bare, args)
-            results["redis"] = redis_figures(server.url, prefix, ours, args)
+        if {"rates", "streamed", "costs"} & args.only:
+            with serving(redis_env(server.url, prefix)) as ours:
+                if "rates" in args.only:
+                    results["redis_rates"] = request_rates("redis", ours, bare, args)
+                if "streamed" in args.only:
+                    results["redis_streamed"] = streamed("redis", ours, bare, args)
+                if "costs" in args.only:
+                    results["redis"] = redis_figures(server.url, prefix, ours, args)
+        if "flat" not in args.only:
+            return
         flat_prefix = f"flat-{uuid.uuid4().hex[:6]}"
         with serving(redis_env(server.url, flat_prefix)) as ours:
             results["flat"] = flatness(server.url, flat_prefix, ours, args.stored)
@@ -135,8 +141,10 @@ def bench_redis(args, bare: Gunicorn, results: dict) -> None:
 def bench_sqlite(args, bare: Gunicorn, results: dict) -> None:
     with tempfile.TemporaryDirectory() as folder, \
             serving({"AGENTOS_DB": f"{folder}/bench.db"}) as ours:
-        results["sqlite_rates"] = request_rates("sqlite", ours, bare, args)
-        results["sqlite_streamed"] = streamed("sqlite", ours, bare, args)
+        if "rates" in args.only:
+            results["sqlite_rates"] = request_rates("sqlite", ours, bare, args)
+        if "streamed" in args.only:
+            results["sqlite_streamed"] = streamed("sqlite", ours, bare, args)
 
 
 def summary(results: dict) -> str:
@@ -157,6 +165,16 @@ def summary(results: dict) -> str:
     return "\n".join(lines)
 
 
+PARTS = ("rates", "streamed", "costs", "flat")
+
+
+def _parts(text: str) -> set[str]:
+    parts = set(text.split(","))
+    if not parts <= set(PARTS):
+        raise argparse.ArgumentTypeError(f"unknown part(s): {sorted(parts - set(PARTS))}")
+    return parts
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -165,6 +183,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--stored", default="1000,1000000",
                         type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--stores", default="redis,sqlite", type=lambda s: s.split(","))
+    parser.add_argument("--only", default=",".join(PARTS), type=_parts,
+                        help=f"comma-separated parts to run, of {','.join(PARTS)} (flat: "
+                             "continue latency vs stored runs, Redis only)")
     return parser.parse_args()
 
 

@@ -127,8 +127,9 @@ def memory_per_run(base: str, client: redis.Redis, prefix: str, count: int = 100
     return {"paused": paused, "finished": finished}
 
 
-def _stored_run(agent_id: str) -> StoredRun:
-    """A finished demo run as the store holds one, for bulk loading."""
+def _stored_run(agent_id: str, paused: bool = False) -> StoredRun:
+    """A finished demo run as the store holds one, for bulk loading; with `paused`, one
+    waiting for its tool's confirmation (in the `paused` index, as a real pause is)."""
     now, run_id = time.time(), str(uuid.uuid4())
     doc = {"run_id": run_id, "agent_id": agent_id, "agent_name": agent_id,
            "session_id": str(uuid.uuid4()), "user_id": None, "content": "Echo: bulk",
@@ -139,23 +140,50 @@ def _stored_run(agent_id: str) -> StoredRun:
                         {"role": "assistant", "content": "Echo: bulk",
                          "created_at": int(now)}],
            "tools": [], "metrics": {}, "session_state": {}}
+    if paused:
+        doc["tools"] = [{"tool_call_id": f"call-{run_id[:8]}", "tool_name": "deploy",
+                         "tool_args": {"target": "bulk"}, "requires_confirmation": True}]
     return StoredRun(run_id=run_id, agent_id=agent_id, session_id=doc["session_id"],
-                     user_id=None, state=RunState.COMPLETED, version=1, created_at=now,
-                     updated_at=now, doc=doc)
+                     user_id=None, state=RunState.PAUSED if paused else RunState.COMPLETED,
+                     version=1, created_at=now, updated_at=now, doc=doc,
+                     paused_at=now if paused else None)
 
 
-def bulk_load(url: str, prefix: str, total: int, threads: int = 8) -> float:
-    """Store `total` finished runs through the store's own API; returns runs per second."""
+BULK_AGENTS = ("chat-agent", "confirm-agent")
+PAUSED_EVERY = 20
+"""One bulk-loaded run in PAUSED_EVERY is a paused confirm-agent run (5%), the rest finished
+runs split between the two demo agents, so the continued agent's own indexes grow too."""
+
+
+def _bulk_batch(start: int, count: int) -> list[tuple[StoredRun, list[dict]]]:
+    finished = {"event": "RunCompleted", "content": "Echo: bulk"}
+    paused = {"event": "RunPaused", "content": ""}
+    batch = []
+    for i in range(start, start + count):
+        if i % PAUSED_EVERY == 0:
+            batch.append((_stored_run("confirm-agent", paused=True), [paused]))
+        else:
+            batch.append((_stored_run(BULK_AGENTS[i % 2]), [finished]))
+    return batch
+
+
+def bulk_load(url: str, prefix: str, total: int, threads: int = 4, batch: int = 500) -> dict:
+    """Store `total` runs through the store's own API (`bulk_create`, `batch` runs per
+    pipeline, from `threads` threads); the load rate and Redis's memory after it."""
     store = RedisRunStore(url, prefix=prefix, max_connections=threads * 2)
-    event = {"event": "RunCompleted", "content": "Echo: bulk"}
     began = time.perf_counter()
     try:
         with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(lambda _: store.create_run(_stored_run("chat-agent"), [event]),
-                          range(total), chunksize=256))
+            list(pool.map(lambda start: store.bulk_create(
+                _bulk_batch(start, min(batch, total - start))), range(0, total, batch)))
+        seconds = time.perf_counter() - began
+        memory = store.redis.info("memory")
+        keys = store.redis.dbsize()
     finally:
         store.close()
-    return round(total / (time.perf_counter() - began))
+    return {"runs_loaded": total, "load_seconds": round(seconds, 1),
+            "bulk_load_runs_per_second": round(total / seconds) if seconds else 0,
+            "redis_keys": keys, "used_memory_mb": round(memory["used_memory"] / 2**20, 1)}
 
 
 def continue_latency(base: str, count: int = 200) -> dict:

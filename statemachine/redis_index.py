@@ -175,15 +175,17 @@ class RedisIndex:
 
     # -- writing hints --------------------------------------------------------------------
 
-    def hint_create(self, run: StoredRun) -> None:
-        """Every entry a new run needs, at version 1, before the run exists."""
-        self._hint_run(run, 1, None)
+    def hint_create(self, run: StoredRun, pipe: Any = None) -> None:
+        """Every entry a new run needs, at version 1, before the run exists (queued on
+        `pipe` when given, ahead of the create it describes)."""
+        self._hint_run(run, 1, None, pipe)
 
     def hint_stored_run(self, run: StoredRun, finished_at: float | None) -> None:
         """The entries of a run that exists already (a rebuild), at its own version."""
         self._hint_run(run, run.version, finished_at)
 
-    def _hint_run(self, run: StoredRun, version: int, finished_at: float | None) -> None:
+    def _hint_run(self, run: StoredRun, version: int, finished_at: float | None,
+                  pipe: Any = None) -> None:
         k, s = self.keys, shard_of(run.run_id)
         hint = _Hint(k, run.run_id, version, _identity(run))
         for key in self._identity_keys(s, run.agent_id, run.session_id, run.user_id):
@@ -191,7 +193,10 @@ class RedisIndex:
         hint.add(k.agent_state_runs(s, run.agent_id, run.state.value), run.run_id,
                  run.created_at)
         self._lifecycle(hint, run.run_id, run.lease_until, run.paused_at, finished_at)
-        hint.run(self.redis)
+        if pipe is None:
+            hint.run(self.redis)
+        else:
+            hint.send(pipe)
 
     def hint_stored_approval(self, approval: Approval, created_at: float) -> None:
         """The entries of an approval that exists already (a rebuild)."""

@@ -315,6 +315,30 @@ class RedisRunStore:
         if session is not None:
             self._link(session, run.run_id)
         self.index.hint_create(run)
+        keys, args = self._create_call(run, events, remember)
+        out = self._create(keys=keys, args=args)
+        if out[0] == -5:
+            raise StaleRun(f"run {run.run_id} already exists")
+        return CommitResult(version=1, seqs=[int(s) for s in out[1:]])
+
+    @_guarded
+    def bulk_create(self, runs: list[tuple[StoredRun, list[dict[str, Any]]]]) -> None:
+        """`create_run` (no session, no remembered outcome) for many runs in one pipeline:
+        each run's index hint, then its CREATE, as create_run sends them. For bulk loading
+        (benchmarks, imports); raises StaleRun after the pipeline if any id existed."""
+        pipe = self.redis.pipeline(transaction=False)
+        for run, events in runs:
+            self.index.hint_create(run, pipe)
+            keys, args = self._create_call(run, events, None)
+            self._create(keys=keys, args=args, client=pipe)
+        taken = [run.run_id for (run, _), out in zip(runs, pipe.execute()[1::2], strict=True)
+                 if out[0] == -5]
+        if taken:
+            raise StaleRun(f"{len(taken)} runs already exist, e.g. {taken[0]}")
+
+    def _create_call(self, run: StoredRun, events: list[dict[str, Any]],
+                     remember: Remember | None) -> tuple[list[str], list[Any]]:
+        """CREATE's keys and arguments for `run` at version 1 with its first events."""
         fields = {
             "run_id": run.run_id,
             "agent_id": run.agent_id,
@@ -332,12 +356,8 @@ class RedisRunStore:
         }
         keys = [self.keys.run(run.run_id), self.keys.events(run.run_id),
                 self.keys.idempotency(run.run_id, remember.key if remember else "-")]
-        out = self._create(keys=keys, args=[
-            len(events), dumps(fields), *map(dumps, events),
-            dumps(remember.value) if remember else "", remember.ttl if remember else 0])
-        if out[0] == -5:
-            raise StaleRun(f"run {run.run_id} already exists")
-        return CommitResult(version=1, seqs=[int(s) for s in out[1:]])
+        return keys, [len(events), dumps(fields), *map(dumps, events),
+                      dumps(remember.value) if remember else "", remember.ttl if remember else 0]
 
     @_guarded
     def get_run(self, run_id: str) -> StoredRun:
