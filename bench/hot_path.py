@@ -105,11 +105,21 @@ def redis_figures(url: str, prefix: str, ours: Gunicorn, args) -> dict:
 def flatness(url: str, prefix: str, ours: Gunicorn, stored: list[int]) -> list[dict]:
     """Continue latency as the number of stored runs grows (bulk-loaded, not via HTTP)."""
     rows, loaded = [], 0
-    for target in stored:
-        load = redis_costs.bulk_load(url, prefix, target - loaded) if target > loaded else {}
-        loaded = max(loaded, target)
-        rows.append(emit("continue_latency_vs_stored", stored_runs=loaded, **load,
-                         **redis_costs.continue_latency(ours.url)))
+    client = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        for target in stored:
+            load = redis_costs.bulk_load(url, prefix, target - loaded) if target > loaded \
+                else {}
+            loaded = max(loaded, target)
+            rows.append(emit("continue_latency_vs_stored", stored_runs=loaded, **load,
+                             **redis_costs.continue_latency(ours.url, client)))
+    finally:
+        client.close()
+    if len(rows) > 1:
+        emit("continue_flatness", stored_runs=(rows[0]["stored_runs"], loaded),
+             p50_ratio=round(rows[-1]["p50_ms"] / rows[0]["p50_ms"], 3),
+             redis_usec_ratio=round(rows[-1]["redis_usec_per_pair"]
+                                    / rows[0]["redis_usec_per_pair"], 3))
     return rows
 
 
@@ -148,21 +158,29 @@ def bench_sqlite(args, bare: Gunicorn, results: dict) -> None:
 
 
 def summary(results: dict) -> str:
-    """The Markdown tables the README's benchmark section is made of."""
-    lines = ["| store | conc. | req/s | pairs/s | bare req/s | ratio | p50 ms | p95 ms | "
-             "p99 ms |", "|---|---|---|---|---|---|---|---|---|"]
-    for row in results.get("redis_rates", []) + results.get("sqlite_rates", []):
-        lines.append(f"| {row['store']} | {row['concurrency']} | {row['requests_per_second']}"
-                     f" | {row['pairs_per_second']} | {row['bare_requests_per_second']} | "
-                     f"{row['ratio_to_bare']} | {row['p50_ms']} | {row['p95_ms']} | "
-                     f"{row['p99_ms']} |")
-    lines += ["", "| store | conc. | streamed pairs/s | first event p50 ms | end p50 ms | "
-              "end p99 ms | client ceiling (bare req/s) |", "|---|---|---|---|---|---|---|"]
-    for row in results.get("redis_streamed", []) + results.get("sqlite_streamed", []):
-        lines.append(f"| {row['store']} | {row['concurrency']} | {row['pairs_per_second']} | "
-                     f"{row['first_event_p50_ms']} | {row['end_p50_ms']} | "
-                     f"{row['end_p99_ms']} | {row['client_ceiling_bare_rps']} |")
-    return "\n".join(lines)
+    """The Markdown tables the README's benchmark section is made of (those with rows)."""
+    tables = [[f"| {row['store']} | {row['concurrency']} | {row['requests_per_second']}"
+               f" | {row['pairs_per_second']} | {row['bare_requests_per_second']} | "
+               f"{row['ratio_to_bare']} | {row['p50_ms']} | {row['p95_ms']} | "
+               f"{row['p99_ms']} |"
+               for row in results.get("redis_rates", []) + results.get("sqlite_rates", [])],
+              [f"| {row['store']} | {row['concurrency']} | {row['pairs_per_second']} | "
+               f"{row['first_event_p50_ms']} | {row['end_p50_ms']} | "
+               f"{row['end_p99_ms']} | {row['client_ceiling_bare_rps']} |"
+               for row in results.get("redis_streamed", []) +
+               results.get("sqlite_streamed", [])],
+              [f"| {row['stored_runs']} | {row.get('bulk_load_runs_per_second', '')} | "
+               f"{row.get('used_memory_mb', '')} | {row['p50_ms']} | {row['p99_ms']} | "
+               f"{row['redis_usec_per_pair']} | {row.get('machine_cores_busy', '')} |"
+               for row in results.get("flat", [])]]
+    heads = [["| store | conc. | req/s | pairs/s | bare req/s | ratio | p50 ms | p95 ms | "
+              "p99 ms |", "|---|---|---|---|---|---|---|---|---|"],
+             ["| store | conc. | streamed pairs/s | first event p50 ms | end p50 ms | "
+              "end p99 ms | client ceiling (bare req/s) |", "|---|---|---|---|---|---|---|"],
+             ["| stored runs | load runs/s | Redis MB | continue p50 ms | p99 ms | "
+              "Redis µs per pair | machine cores busy |", "|---|---|---|---|---|---|---|"]]
+    return "\n\n".join("\n".join(head + rows) for head, rows in zip(heads, tables,
+                                                                    strict=True) if rows)
 
 
 PARTS = ("rates", "streamed", "costs", "flat")

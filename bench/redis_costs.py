@@ -7,6 +7,7 @@ around requests sent to a live server, so it counts what the server really sends
 from __future__ import annotations
 
 import json
+import os
 import re
 import statistics
 import threading
@@ -186,14 +187,48 @@ def bulk_load(url: str, prefix: str, total: int, threads: int = 4, batch: int = 
             "redis_keys": keys, "used_memory_mb": round(memory["used_memory"] / 2**20, 1)}
 
 
-def continue_latency(base: str, count: int = 200) -> dict:
-    """Sequential create+continue: the continue's latency percentiles in ms."""
-    latencies = []
-    for _ in range(count):
-        run = create(base)
-        began = time.perf_counter()
-        confirm(base, run)
-        latencies.append((time.perf_counter() - began) * 1000)
+def _busy_jiffies() -> int | None:
+    """CPU time (jiffies) all processes on the machine have used, from /proc/stat."""
+    try:
+        with open("/proc/stat") as stat:
+            ticks = [int(x) for x in stat.readline().split()[1:]]
+    except OSError:
+        return None
+    return sum(ticks) - ticks[3] - ticks[4]  # all but idle and iowait
+
+
+def _redis_usec(client: redis.Redis) -> int:
+    return sum(row["usec"] for row in client.info("commandstats").values())
+
+
+def continue_latency(base: str, client: redis.Redis, count: int = 200, rounds: int = 3,
+                     warmup: int = 20) -> dict:
+    """Sequential create+continue: the continue's latency percentiles in ms, over `rounds`
+    rounds of `count` after `warmup` unmeasured pairs; beside them what Redis itself spent
+    per pair (INFO commandstats, background sweeps included) and how busy the whole machine
+    was meanwhile, in cores (others' processes count: on a small shared machine they, not
+    the stored runs, decide the figure)."""
+    for _ in range(warmup):
+        confirm(base, create(base))
+    latencies, round_p50s = [], []
+    jiffies, usec, began = _busy_jiffies(), _redis_usec(client), time.perf_counter()
+    for _ in range(rounds):
+        mine = []
+        for _ in range(count):
+            run = create(base)
+            start = time.perf_counter()
+            confirm(base, run)
+            mine.append((time.perf_counter() - start) * 1000)
+        round_p50s.append(round(statistics.median(mine), 2))
+        latencies += mine
+    seconds, pairs = time.perf_counter() - began, count * rounds
     ordered = sorted(latencies)
-    return {"continues": count, "p50_ms": round(statistics.median(ordered), 2),
-            "p99_ms": round(ordered[int(0.99 * (len(ordered) - 1))], 2)}
+    figures = {"continues": pairs, "p50_ms": round(statistics.median(ordered), 2),
+               "p99_ms": round(ordered[int(0.99 * (len(ordered) - 1))], 2),
+               "round_p50_ms": round_p50s,
+               "redis_usec_per_pair": round((_redis_usec(client) - usec) / pairs, 1)}
+    after = _busy_jiffies()
+    if jiffies is not None and after is not None:
+        hertz = os.sysconf("SC_CLK_TCK")
+        figures["machine_cores_busy"] = round((after - jiffies) / hertz / seconds, 2)
+    return figures
