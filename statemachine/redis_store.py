@@ -324,13 +324,17 @@ class RedisRunStore:
     @_guarded
     def bulk_create(self, runs: list[tuple[StoredRun, list[dict[str, Any]]]]) -> None:
         """`create_run` (no session, no remembered outcome) for many runs in one pipeline:
-        each run's index hint, then its CREATE, as create_run sends them. For bulk loading
-        (benchmarks, imports); raises StaleRun after the pipeline if any id existed."""
+        each run's index hint, then its CREATE, as create_run sends them (a cluster pipeline
+        refuses EVALSHA, so there CREATE is sent whole). For bulk loading (benchmarks,
+        imports); raises StaleRun after the pipeline if any id existed."""
         pipe = self.redis.pipeline(transaction=False)
         for run, events in runs:
             self.index.hint_create(run, pipe)
             keys, args = self._create_call(run, events, None)
-            self._create(keys=keys, args=args, client=pipe)
+            if self.cluster:
+                pipe_eval(pipe, lua.CREATE, keys, args)
+            else:
+                self._create(keys=keys, args=args, client=pipe)
         taken = [run.run_id for (run, _), out in zip(runs, pipe.execute()[1::2], strict=True)
                  if out[0] == -5]
         if taken:
