@@ -11,7 +11,8 @@ configuration, each driven from separate processes:
 - both on Redis, then on SQLite;
 - Redis commands per create and per continue, bytes Redis receives per streamed delta, Redis
   memory per paused and per finished run, and continue latency with 1,000 and with 1,000,000
-  stored runs (bulk-loaded through the store's own API, not through HTTP).
+  stored runs (bulk-loaded through the store's own API in pipelines, not through HTTP; one
+  private Redis and server per count, measured in turns so the machine's noise hits all).
 
 It prints one JSON line per figure and a Markdown summary at the end; it asserts nothing.
 
@@ -28,7 +29,7 @@ import platform
 import tempfile
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from urllib.parse import urlparse
 
 import redis
@@ -102,21 +103,27 @@ def redis_figures(url: str, prefix: str, ours: Gunicorn, args) -> dict:
     return figures
 
 
-def flatness(url: str, prefix: str, ours: Gunicorn, stored: list[int]) -> list[dict]:
-    """Continue latency as the number of stored runs grows (bulk-loaded, not via HTTP)."""
-    rows, loaded = [], 0
-    client = redis.Redis.from_url(url, decode_responses=True)
-    try:
+def flatness(stored: list[int]) -> list[dict]:
+    """Continue latency as the number of stored runs grows: one private Redis and one server
+    per count, bulk-loaded through the store's own API (not via HTTP), then measured in turns
+    (see `redis_costs.continue_latency`)."""
+    servers, loads = [], []
+    with ExitStack() as stack:
         for target in stored:
-            load = redis_costs.bulk_load(url, prefix, target - loaded) if target > loaded \
-                else {}
-            loaded = max(loaded, target)
-            rows.append(emit("continue_latency_vs_stored", stored_runs=loaded, **load,
-                             **redis_costs.continue_latency(ours.url, client)))
-    finally:
-        client.close()
+            redis_server = RedisServer().start()
+            stack.callback(redis_server.stop)
+            prefix = f"flat-{uuid.uuid4().hex[:6]}"
+            loads.append(redis_costs.bulk_load(redis_server.url, prefix, target))
+            emit("bulk_load", **loads[-1])
+            ours = stack.enter_context(serving(redis_env(redis_server.url, prefix)))
+            client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+            stack.callback(client.close)
+            servers.append((ours.url, client))
+        figures = redis_costs.continue_latency(servers)
+    rows = [emit("continue_latency_vs_stored", stored_runs=target, **load, **row)
+            for target, load, row in zip(stored, loads, figures, strict=True)]
     if len(rows) > 1:
-        emit("continue_flatness", stored_runs=(rows[0]["stored_runs"], loaded),
+        emit("continue_flatness", stored_runs=(rows[0]["stored_runs"], rows[-1]["stored_runs"]),
              p50_ratio=round(rows[-1]["p50_ms"] / rows[0]["p50_ms"], 3),
              redis_usec_ratio=round(rows[-1]["redis_usec_per_pair"]
                                     / rows[0]["redis_usec_per_pair"], 3))
@@ -139,13 +146,10 @@ def bench_redis(args, bare: Gunicorn, results: dict) -> None:
                     results["redis_streamed"] = streamed("redis", ours, bare, args)
                 if "costs" in args.only:
                     results["redis"] = redis_figures(server.url, prefix, ours, args)
-        if "flat" not in args.only:
-            return
-        flat_prefix = f"flat-{uuid.uuid4().hex[:6]}"
-        with serving(redis_env(server.url, flat_prefix)) as ours:
-            results["flat"] = flatness(server.url, flat_prefix, ours, args.stored)
     finally:
         server.stop()
+    if "flat" in args.only:
+        results["flat"] = flatness(args.stored)
 
 
 def bench_sqlite(args, bare: Gunicorn, results: dict) -> None:

@@ -201,34 +201,50 @@ def _redis_usec(client: redis.Redis) -> int:
     return sum(row["usec"] for row in client.info("commandstats").values())
 
 
-def continue_latency(base: str, client: redis.Redis, count: int = 200, rounds: int = 3,
-                     warmup: int = 20) -> dict:
-    """Sequential create+continue: the continue's latency percentiles in ms, over `rounds`
-    rounds of `count` after `warmup` unmeasured pairs; beside them what Redis itself spent
-    per pair (INFO commandstats, background sweeps included) and how busy the whole machine
-    was meanwhile, in cores (others' processes count: on a small shared machine they, not
-    the stored runs, decide the figure)."""
-    for _ in range(warmup):
-        confirm(base, create(base))
-    latencies, round_p50s = [], []
-    jiffies, usec, began = _busy_jiffies(), _redis_usec(client), time.perf_counter()
-    for _ in range(rounds):
-        mine = []
-        for _ in range(count):
-            run = create(base)
-            start = time.perf_counter()
-            confirm(base, run)
-            mine.append((time.perf_counter() - start) * 1000)
-        round_p50s.append(round(statistics.median(mine), 2))
-        latencies += mine
-    seconds, pairs = time.perf_counter() - began, count * rounds
-    ordered = sorted(latencies)
-    figures = {"continues": pairs, "p50_ms": round(statistics.median(ordered), 2),
-               "p99_ms": round(ordered[int(0.99 * (len(ordered) - 1))], 2),
-               "round_p50_ms": round_p50s,
-               "redis_usec_per_pair": round((_redis_usec(client) - usec) / pairs, 1)}
-    after = _busy_jiffies()
-    if jiffies is not None and after is not None:
-        hertz = os.sysconf("SC_CLK_TCK")
-        figures["machine_cores_busy"] = round((after - jiffies) / hertz / seconds, 2)
-    return figures
+def pair_latencies(base: str, count: int) -> list[float]:
+    """`count` sequential create+continue pairs; each continue's latency in ms."""
+    latencies = []
+    for _ in range(count):
+        run = create(base)
+        start = time.perf_counter()
+        confirm(base, run)
+        latencies.append((time.perf_counter() - start) * 1000)
+    return latencies
+
+
+def continue_latency(servers: list[tuple[str, redis.Redis]], rounds: int = 4,
+                     count: int = 150, warmup: int = 20) -> list[dict]:
+    """Sequential create+continue against each (server URL, its Redis) in turn, `rounds`
+    times `count` pairs each after `warmup` unmeasured pairs: the continue's latency
+    percentiles in ms per server, each round's p50, what Redis itself spent per pair (INFO
+    commandstats, background sweeps included) and how busy the whole machine was, in cores.
+
+    The servers take turns (the order reversed every other round), so whatever else the
+    machine does meanwhile (others' processes, a hypervisor's steal) weighs on all of them
+    alike. Measured one after the other instead, such noise alone put the p50 with 1,000
+    stored runs at 23 ms in one run and 14 ms in the next, on a 2-core machine."""
+    for base, _ in servers:
+        for _ in range(warmup):
+            confirm(base, create(base))
+    latencies: list[list[float]] = [[] for _ in servers]
+    round_p50s: list[list[float]] = [[] for _ in servers]
+    usec = [_redis_usec(client) for _, client in servers]
+    jiffies, began = _busy_jiffies(), time.perf_counter()
+    for turn in range(rounds):
+        order = list(range(len(servers)))
+        for i in order[::-1] if turn % 2 else order:
+            mine = pair_latencies(servers[i][0], count)
+            round_p50s[i].append(round(statistics.median(mine), 2))
+            latencies[i] += mine
+    seconds, after = time.perf_counter() - began, _busy_jiffies()
+    busy = {} if jiffies is None or after is None else {
+        "machine_cores_busy": round((after - jiffies) / os.sysconf("SC_CLK_TCK") / seconds, 2)}
+    rows = []
+    for i, (_, client) in enumerate(servers):
+        ordered = sorted(latencies[i])
+        rows.append({"continues": len(ordered), "p50_ms": round(statistics.median(ordered), 2),
+                     "p99_ms": round(ordered[int(0.99 * (len(ordered) - 1))], 2),
+                     "round_p50_ms": round_p50s[i],
+                     "redis_usec_per_pair": round((_redis_usec(client) - usec[i])
+                                                  / len(ordered), 1), **busy})
+    return rows
