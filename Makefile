@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test lint fuzz bench bench-continue clean
+.PHONY: run test lint fuzz bench bench-continue profile clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ bench: $(VENV)/.installed-dev
 
 bench-continue: $(VENV)/.installed-dev
 	$(BIN)/python -m bench.continue_throughput
+
+# py-spy on one worker under wrk's create+continue loop; top functions by self and total time
+profile: $(VENV)/.installed-dev
+	$(BIN)/pip install --quiet py-spy
+	$(BIN)/python -m bench.profile $(PROFILE_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache .hypothesis

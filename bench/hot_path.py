@@ -11,11 +11,13 @@ configuration, each driven from separate processes:
 - both on Redis, then on SQLite;
 - Redis commands per create and per continue, bytes Redis receives per streamed delta, Redis
   memory per paused and per finished run, and continue latency with 1,000 and with 1,000,000
-  stored runs (bulk-loaded through the store's own API, not through HTTP).
+  stored runs (bulk-loaded through the store's own API in pipelines, not through HTTP; one
+  private Redis and server per count, measured in turns so the machine's noise hits all).
 
 It prints one JSON line per figure and a Markdown summary at the end; it asserts nothing.
 
     python -m bench.hot_path [--seconds 10] [--concurrency 1,16,64] [--stored 1000,1000000]
+                             [--only rates,streamed,costs,flat]
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import platform
 import tempfile
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from urllib.parse import urlparse
 
 import redis
@@ -101,15 +103,30 @@ def redis_figures(url: str, prefix: str, ours: Gunicorn, args) -> dict:
     return figures
 
 
-def flatness(url: str, prefix: str, ours: Gunicorn, stored: list[int]) -> list[dict]:
-    """Continue latency as the number of stored runs grows (bulk-loaded, not via HTTP)."""
-    rows, loaded = [], 0
-    for target in stored:
-        rate = redis_costs.bulk_load(url, prefix, target - loaded) if target > loaded else 0
-        loaded = max(loaded, target)
-        rows.append(emit("continue_latency_vs_stored", stored_runs=loaded,
-                         bulk_load_runs_per_second=rate,
-                         **redis_costs.continue_latency(ours.url)))
+def flatness(stored: list[int]) -> list[dict]:
+    """Continue latency as the number of stored runs grows: one private Redis and one server
+    per count, bulk-loaded through the store's own API (not via HTTP), then measured in turns
+    (see `redis_costs.continue_latency`)."""
+    servers, loads = [], []
+    with ExitStack() as stack:
+        for target in stored:
+            redis_server = RedisServer().start()
+            stack.callback(redis_server.stop)
+            prefix = f"flat-{uuid.uuid4().hex[:6]}"
+            loads.append(redis_costs.bulk_load(redis_server.url, prefix, target))
+            emit("bulk_load", **loads[-1])
+            ours = stack.enter_context(serving(redis_env(redis_server.url, prefix)))
+            client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+            stack.callback(client.close)
+            servers.append((ours.url, client))
+        figures = redis_costs.continue_latency(servers)
+    rows = [emit("continue_latency_vs_stored", stored_runs=target, **load, **row)
+            for target, load, row in zip(stored, loads, figures, strict=True)]
+    if len(rows) > 1:
+        emit("continue_flatness", stored_runs=(rows[0]["stored_runs"], rows[-1]["stored_runs"]),
+             p50_ratio=round(rows[-1]["p50_ms"] / rows[0]["p50_ms"], 3),
+             redis_usec_ratio=round(rows[-1]["redis_usec_per_pair"]
+                                    / rows[0]["redis_usec_per_pair"], 3))
     return rows
 
 
@@ -121,40 +138,63 @@ def bench_redis(args, bare: Gunicorn, results: dict) -> None:
     server = RedisServer().start()
     try:
         prefix = f"bench-{uuid.uuid4().hex[:6]}"
-        with serving(redis_env(server.url, prefix)) as ours:
-            results["redis_rates"] = request_rates("redis", ours, bare, args)
-            results["redis_streamed"] = streamed("redis", ours, bare, args)
-            results["redis"] = redis_figures(server.url, prefix, ours, args)
-        flat_prefix = f"flat-{uuid.uuid4().hex[:6]}"
-        with serving(redis_env(server.url, flat_prefix)) as ours:
-            results["flat"] = flatness(server.url, flat_prefix, ours, args.stored)
+        if {"rates", "streamed", "costs"} & args.only:
+            with serving(redis_env(server.url, prefix)) as ours:
+                if "rates" in args.only:
+                    results["redis_rates"] = request_rates("redis", ours, bare, args)
+                if "streamed" in args.only:
+                    results["redis_streamed"] = streamed("redis", ours, bare, args)
+                if "costs" in args.only:
+                    results["redis"] = redis_figures(server.url, prefix, ours, args)
     finally:
         server.stop()
+    if "flat" in args.only:
+        results["flat"] = flatness(args.stored)
 
 
 def bench_sqlite(args, bare: Gunicorn, results: dict) -> None:
     with tempfile.TemporaryDirectory() as folder, \
             serving({"AGENTOS_DB": f"{folder}/bench.db"}) as ours:
-        results["sqlite_rates"] = request_rates("sqlite", ours, bare, args)
-        results["sqlite_streamed"] = streamed("sqlite", ours, bare, args)
+        if "rates" in args.only:
+            results["sqlite_rates"] = request_rates("sqlite", ours, bare, args)
+        if "streamed" in args.only:
+            results["sqlite_streamed"] = streamed("sqlite", ours, bare, args)
 
 
 def summary(results: dict) -> str:
-    """The Markdown tables the README's benchmark section is made of."""
-    lines = ["| store | conc. | req/s | pairs/s | bare req/s | ratio | p50 ms | p95 ms | "
-             "p99 ms |", "|---|---|---|---|---|---|---|---|---|"]
-    for row in results.get("redis_rates", []) + results.get("sqlite_rates", []):
-        lines.append(f"| {row['store']} | {row['concurrency']} | {row['requests_per_second']}"
-                     f" | {row['pairs_per_second']} | {row['bare_requests_per_second']} | "
-                     f"{row['ratio_to_bare']} | {row['p50_ms']} | {row['p95_ms']} | "
-                     f"{row['p99_ms']} |")
-    lines += ["", "| store | conc. | streamed pairs/s | first event p50 ms | end p50 ms | "
-              "end p99 ms | client ceiling (bare req/s) |", "|---|---|---|---|---|---|---|"]
-    for row in results.get("redis_streamed", []) + results.get("sqlite_streamed", []):
-        lines.append(f"| {row['store']} | {row['concurrency']} | {row['pairs_per_second']} | "
-                     f"{row['first_event_p50_ms']} | {row['end_p50_ms']} | "
-                     f"{row['end_p99_ms']} | {row['client_ceiling_bare_rps']} |")
-    return "\n".join(lines)
+    """The Markdown tables the README's benchmark section is made of (those with rows)."""
+    tables = [[f"| {row['store']} | {row['concurrency']} | {row['requests_per_second']}"
+               f" | {row['pairs_per_second']} | {row['bare_requests_per_second']} | "
+               f"{row['ratio_to_bare']} | {row['p50_ms']} | {row['p95_ms']} | "
+               f"{row['p99_ms']} |"
+               for row in results.get("redis_rates", []) + results.get("sqlite_rates", [])],
+              [f"| {row['store']} | {row['concurrency']} | {row['pairs_per_second']} | "
+               f"{row['first_event_p50_ms']} | {row['end_p50_ms']} | "
+               f"{row['end_p99_ms']} | {row['client_ceiling_bare_rps']} |"
+               for row in results.get("redis_streamed", []) +
+               results.get("sqlite_streamed", [])],
+              [f"| {row['stored_runs']} | {row.get('bulk_load_runs_per_second', '')} | "
+               f"{row.get('used_memory_mb', '')} | {row['p50_ms']} | {row['p99_ms']} | "
+               f"{row['redis_usec_per_pair']} | {row.get('machine_cores_busy', '')} |"
+               for row in results.get("flat", [])]]
+    heads = [["| store | conc. | req/s | pairs/s | bare req/s | ratio | p50 ms | p95 ms | "
+              "p99 ms |", "|---|---|---|---|---|---|---|---|---|"],
+             ["| store | conc. | streamed pairs/s | first event p50 ms | end p50 ms | "
+              "end p99 ms | client ceiling (bare req/s) |", "|---|---|---|---|---|---|---|"],
+             ["| stored runs | load runs/s | Redis MB | continue p50 ms | p99 ms | "
+              "Redis µs per pair | machine cores busy |", "|---|---|---|---|---|---|---|"]]
+    return "\n\n".join("\n".join(head + rows) for head, rows in zip(heads, tables,
+                                                                    strict=True) if rows)
+
+
+PARTS = ("rates", "streamed", "costs", "flat")
+
+
+def _parts(text: str) -> set[str]:
+    parts = set(text.split(","))
+    if not parts <= set(PARTS):
+        raise argparse.ArgumentTypeError(f"unknown part(s): {sorted(parts - set(PARTS))}")
+    return parts
 
 
 def parse_args() -> argparse.Namespace:
@@ -165,6 +205,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--stored", default="1000,1000000",
                         type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--stores", default="redis,sqlite", type=lambda s: s.split(","))
+    parser.add_argument("--only", default=",".join(PARTS), type=_parts,
+                        help=f"comma-separated parts to run, of {','.join(PARTS)} (flat: "
+                             "continue latency vs stored runs, Redis only)")
     return parser.parse_args()
 
 

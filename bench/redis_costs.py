@@ -7,6 +7,7 @@ around requests sent to a live server, so it counts what the server really sends
 from __future__ import annotations
 
 import json
+import os
 import re
 import statistics
 import threading
@@ -147,8 +148,9 @@ def memory_per_run(base: str, client: redis.Redis, prefix: str, count: int = 100
     return {"paused": paused, "finished": finished, "just_paused": just_paused}
 
 
-def _stored_run(agent_id: str) -> StoredRun:
-    """A finished demo run as the store holds one, for bulk loading."""
+def _stored_run(agent_id: str, paused: bool = False) -> StoredRun:
+    """A finished demo run as the store holds one, for bulk loading; with `paused`, one
+    waiting for its tool's confirmation (in the `paused` index, as a real pause is)."""
     now, run_id = time.time(), str(uuid.uuid4())
     doc = {"run_id": run_id, "agent_id": agent_id, "agent_name": agent_id,
            "session_id": str(uuid.uuid4()), "user_id": None, "content": "Echo: bulk",
@@ -159,33 +161,110 @@ def _stored_run(agent_id: str) -> StoredRun:
                         {"role": "assistant", "content": "Echo: bulk",
                          "created_at": int(now)}],
            "tools": [], "metrics": {}, "session_state": {}}
+    if paused:
+        doc["tools"] = [{"tool_call_id": f"call-{run_id[:8]}", "tool_name": "deploy",
+                         "tool_args": {"target": "bulk"}, "requires_confirmation": True}]
     return StoredRun(run_id=run_id, agent_id=agent_id, session_id=doc["session_id"],
-                     user_id=None, state=RunState.COMPLETED, version=1, created_at=now,
-                     updated_at=now, doc=doc)
+                     user_id=None, state=RunState.PAUSED if paused else RunState.COMPLETED,
+                     version=1, created_at=now, updated_at=now, doc=doc,
+                     paused_at=now if paused else None)
 
 
-def bulk_load(url: str, prefix: str, total: int, threads: int = 8) -> float:
-    """Store `total` finished runs through the store's own API; returns runs per second."""
+BULK_AGENTS = ("chat-agent", "confirm-agent")
+PAUSED_EVERY = 20
+"""One bulk-loaded run in PAUSED_EVERY is a paused confirm-agent run (5%), the rest finished
+runs split between the two demo agents, so the continued agent's own indexes grow too."""
+
+
+def _bulk_batch(start: int, count: int) -> list[tuple[StoredRun, list[dict]]]:
+    finished = {"event": "RunCompleted", "content": "Echo: bulk"}
+    paused = {"event": "RunPaused", "content": ""}
+    batch = []
+    for i in range(start, start + count):
+        if i % PAUSED_EVERY == 0:
+            batch.append((_stored_run("confirm-agent", paused=True), [paused]))
+        else:
+            batch.append((_stored_run(BULK_AGENTS[i % 2]), [finished]))
+    return batch
+
+
+def bulk_load(url: str, prefix: str, total: int, threads: int = 4, batch: int = 500) -> dict:
+    """Store `total` runs through the store's own API (`bulk_create`, `batch` runs per
+    pipeline, from `threads` threads); the load rate and Redis's memory after it."""
     store = RedisRunStore(url, prefix=prefix, max_connections=threads * 2)
-    event = {"event": "RunCompleted", "content": "Echo: bulk"}
     began = time.perf_counter()
     try:
         with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(lambda _: store.create_run(_stored_run("chat-agent"), [event]),
-                          range(total), chunksize=256))
+            list(pool.map(lambda start: store.bulk_create(
+                _bulk_batch(start, min(batch, total - start))), range(0, total, batch)))
+        seconds = time.perf_counter() - began
+        memory = store.redis.info("memory")
+        keys = store.redis.dbsize()
     finally:
         store.close()
-    return round(total / (time.perf_counter() - began))
+    return {"runs_loaded": total, "load_seconds": round(seconds, 1),
+            "bulk_load_runs_per_second": round(total / seconds) if seconds else 0,
+            "redis_keys": keys, "used_memory_mb": round(memory["used_memory"] / 2**20, 1)}
 
 
-def continue_latency(base: str, count: int = 200) -> dict:
-    """Sequential create+continue: the continue's latency percentiles in ms."""
+def _busy_jiffies() -> int | None:
+    """CPU time (jiffies) all processes on the machine have used, from /proc/stat."""
+    try:
+        with open("/proc/stat") as stat:
+            ticks = [int(x) for x in stat.readline().split()[1:]]
+    except OSError:
+        return None
+    return sum(ticks) - ticks[3] - ticks[4]  # all but idle and iowait
+
+
+def _redis_usec(client: redis.Redis) -> int:
+    return sum(row["usec"] for row in client.info("commandstats").values())
+
+
+def pair_latencies(base: str, count: int) -> list[float]:
+    """`count` sequential create+continue pairs; each continue's latency in ms."""
     latencies = []
     for _ in range(count):
         run = create(base)
-        began = time.perf_counter()
+        start = time.perf_counter()
         confirm(base, run)
-        latencies.append((time.perf_counter() - began) * 1000)
-    ordered = sorted(latencies)
-    return {"continues": count, "p50_ms": round(statistics.median(ordered), 2),
-            "p99_ms": round(ordered[int(0.99 * (len(ordered) - 1))], 2)}
+        latencies.append((time.perf_counter() - start) * 1000)
+    return latencies
+
+
+def continue_latency(servers: list[tuple[str, redis.Redis]], rounds: int = 4,
+                     count: int = 150, warmup: int = 20) -> list[dict]:
+    """Sequential create+continue against each (server URL, its Redis) in turn, `rounds`
+    times `count` pairs each after `warmup` unmeasured pairs: the continue's latency
+    percentiles in ms per server, each round's p50, what Redis itself spent per pair (INFO
+    commandstats, background sweeps included) and how busy the whole machine was, in cores.
+
+    The servers take turns (the order reversed every other round), so whatever else the
+    machine does meanwhile (others' processes, a hypervisor's steal) weighs on all of them
+    alike. Measured one after the other instead, such noise alone put the p50 with 1,000
+    stored runs at 23 ms in one run and 14 ms in the next, on a 2-core machine."""
+    for base, _ in servers:
+        for _ in range(warmup):
+            confirm(base, create(base))
+    latencies: list[list[float]] = [[] for _ in servers]
+    round_p50s: list[list[float]] = [[] for _ in servers]
+    usec = [_redis_usec(client) for _, client in servers]
+    jiffies, began = _busy_jiffies(), time.perf_counter()
+    for turn in range(rounds):
+        order = list(range(len(servers)))
+        for i in order[::-1] if turn % 2 else order:
+            mine = pair_latencies(servers[i][0], count)
+            round_p50s[i].append(round(statistics.median(mine), 2))
+            latencies[i] += mine
+    seconds, after = time.perf_counter() - began, _busy_jiffies()
+    busy = {} if jiffies is None or after is None else {
+        "machine_cores_busy": round((after - jiffies) / os.sysconf("SC_CLK_TCK") / seconds, 2)}
+    rows = []
+    for i, (_, client) in enumerate(servers):
+        ordered = sorted(latencies[i])
+        rows.append({"continues": len(ordered), "p50_ms": round(statistics.median(ordered), 2),
+                     "p99_ms": round(ordered[int(0.99 * (len(ordered) - 1))], 2),
+                     "round_p50_ms": round_p50s[i],
+                     "redis_usec_per_pair": round((_redis_usec(client) - usec[i])
+                                                  / len(ordered), 1), **busy})
+    return rows

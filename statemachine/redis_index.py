@@ -187,16 +187,22 @@ class RedisIndex:
 
     # -- writing hints --------------------------------------------------------------------
 
-    def hint_create(self, run: StoredRun) -> None:
-        """Every entry a new run needs, at version 1, before the run exists."""
-        self._hint_run(run, 1, None)
+    def hint_create(self, run: StoredRun, pipe: Any = None) -> None:
+        """Every entry a new run needs, at version 1, before the run exists (queued on
+        `pipe` when given, ahead of the create it describes)."""
+        self._hint_run(run, 1, None, pipe)
 
     def hint_stored_run(self, run: StoredRun, finished_at: float | None) -> None:
         """The entries of a run that exists already (a rebuild), at its own version."""
         self._hint_run(run, run.version, finished_at)
 
-    def _hint_run(self, run: StoredRun, version: int, finished_at: float | None) -> None:
-        self._run_hint(run, version, finished_at).run(self.redis)
+    def _hint_run(self, run: StoredRun, version: int, finished_at: float | None,
+                  pipe: Any = None) -> None:
+        hint = self._run_hint(run, version, finished_at)
+        if pipe is None:
+            hint.run(self.redis)
+        else:
+            hint.send(pipe)
 
     def _run_hint(self, run: StoredRun, version: int, finished_at: float | None) -> _Hint:
         k, s = self.keys, shard_of(run.run_id)

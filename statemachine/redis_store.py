@@ -360,6 +360,35 @@ class RedisRunStore:
             self._link(session, run.run_id)
         if self.cluster:
             self.index.hint_create(run)
+        keys, args = self._create_call(run, events, remember)
+        out = self._create(keys=keys, args=args)
+        if out[0] == -5:
+            raise StaleRun(f"run {run.run_id} already exists")
+        return CommitResult(version=1, seqs=[int(s) for s in out[1:]])
+
+    @_guarded
+    def bulk_create(self, runs: list[tuple[StoredRun, list[dict[str, Any]]]]) -> None:
+        """`create_run` (no session, no remembered outcome) for many runs in one pipeline,
+        as create_run sends them: on a single server each CREATE with its index entries, in
+        a cluster each run's index hint and then its CREATE (sent whole: a cluster pipeline
+        refuses EVALSHA). For bulk loading (benchmarks, imports); raises StaleRun after the
+        pipeline if any id existed."""
+        pipe = self.redis.pipeline(transaction=False)
+        for run, events in runs:
+            keys, args = self._create_call(run, events, None)
+            if self.cluster:
+                self.index.hint_create(run, pipe)
+                pipe_eval(pipe, lua.CREATE, keys, args)
+            else:
+                self._create(keys=keys, args=args, client=pipe)
+        outs = pipe.execute()[1::2] if self.cluster else pipe.execute()
+        taken = [run.run_id for (run, _), out in zip(runs, outs, strict=True) if out[0] == -5]
+        if taken:
+            raise StaleRun(f"{len(taken)} runs already exist, e.g. {taken[0]}")
+
+    def _create_call(self, run: StoredRun, events: list[dict[str, Any]],
+                     remember: Remember | None) -> tuple[list[str], list[Any]]:
+        """CREATE's keys and arguments for `run` at version 1 with its first events."""
         envelope = _creation_envelope(run)
         fields = {
             "run_id": run.run_id,
@@ -380,13 +409,10 @@ class RedisRunStore:
         keys = [self.keys.run(rid), self.keys.events(rid),
                 self.keys.idempotency(rid, remember.key if remember else "-"),
                 self.keys.doc(rid), self.keys.bell(rid)]
-        out = self._create(keys=keys, args=[
+        return keys, [
             len(events), dumps(fields), dumps(run.doc), *(_pack(e, envelope) for e in events),
             dumps(remember.value) if remember else "", remember.ttl if remember else 0,
-            "" if self.cluster else self.index.inline_create(run)])
-        if out[0] == -5:
-            raise StaleRun(f"run {run.run_id} already exists")
-        return CommitResult(version=1, seqs=[int(s) for s in out[1:]])
+            "" if self.cluster else self.index.inline_create(run)]
 
     @_guarded
     def get_run(self, run_id: str) -> StoredRun:

@@ -4,10 +4,12 @@ meets them, values with separators cannot collide, and the shards spread the ent
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
 
+from statemachine.errors import StaleRun
 from statemachine.keys import SHARDS, part, shard_of
 from statemachine.redis_store import RedisRunStore
 from statemachine.states import RunState
@@ -268,3 +270,40 @@ def test_readers_racing_writers_never_lose_an_entry(store):
     assert listed(store, states=frozenset({CONTINUED}), limit=100) == ids[::-1]
     assert listed(store, states=frozenset({PAUSED}), limit=100) == []
     assert listed(store, limit=100) == ids[::-1]
+
+
+def _index_entries(store, run_id: str) -> dict[str, float]:
+    """Every index sorted set `run_id` is in, with its score."""
+    found = {}
+    for key in store.redis.scan_iter(match=f"{store.keys.prefix}*", count=1000):
+        if store.redis.type(key) == "zset":
+            score = store.redis.zscore(key, run_id)
+            if score is not None:
+                found[key] = score
+    return found
+
+
+def test_bulk_create_stores_runs_as_create_run_does(store):
+    t0 = time.time()
+    one = new_run("one", session_id="s-one", state=PAUSED, created_at=t0, paused_at=t0)
+    many = [new_run(f"bulk-{i}", session_id="s-bulk", state=PAUSED, created_at=t0 + 1 + i,
+                    paused_at=t0 + 1 + i) for i in range(3)]
+    event = {"event": "RunPaused"}
+    store.create_run(one, [event])
+    store.bulk_create([(run, [event]) for run in many])
+
+    def shape(run_id: str) -> tuple:
+        fields = store.redis.hgetall(store.keys.run(run_id))
+        masked = {k: v for k, v in fields.items() if k not in {"run_id", "session_id",
+                                                                 "created_at", "updated_at",
+                                                                 "paused_at", "doc"}}
+        entries = sorted(re.sub(r"\{idx-\d+\}", "{idx}", key).replace("s-one", "S")
+                         .replace("s-bulk", "S") for key in _index_entries(store, run_id))
+        events = [e.data for e in store.read_events(run_id)]
+        return masked, entries, events
+
+    assert all(shape(run.run_id) == shape(one.run_id) for run in many)
+    assert listed(store, states=frozenset({PAUSED})) == [r.run_id for r in many[::-1]] + ["one"]
+    assert listed(store, session_id="s-bulk") == [r.run_id for r in many[::-1]]
+    with pytest.raises(StaleRun):
+        store.bulk_create([(many[0], [event])])
