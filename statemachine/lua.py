@@ -59,14 +59,14 @@ end
 """
 
 COMMIT = INDEX_WRITES + """
-local v = redis.call('HGET', KEYS[1], 'version')
+local cur = redis.call('HMGET', KEYS[1], 'version', 'cancel_requested', 'lease_until',
+  'last_seq', 'pending_approvals')
+local v = cur[1]
 if not v then return {-1} end
-if ARGV[15] == '1' and redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
-  return {-7}
-end
+if ARGV[15] == '1' and cur[2] == '1' then return {-7} end
 if tonumber(v) ~= tonumber(ARGV[1]) then return {-2} end
 if ARGV[16] ~= '' then
-  local lease = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '')
+  local lease = tonumber(cur[3] or '')
   if (not lease) or lease > tonumber(ARGV[16]) then return {-2} end
 end
 local doc, bell = KEYS[#KEYS - 2], KEYS[#KEYS - 1]
@@ -74,7 +74,7 @@ local nev, nnew, nexp = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]
 local nall = tonumber(ARGV[12])
 local E = 19
 if ARGV[19] ~= '' then redis.call('HSETNX', KEYS[1], 'agent_name', ARGV[19]) end
-local seq = tonumber(redis.call('HGET', KEYS[1], 'last_seq') or '0')
+local seq = tonumber(cur[4] or '0')
 local out = {tonumber(v) + 1}
 if nev > 0 then
   for i = E + 1, E + nev, 1000 do
@@ -86,7 +86,7 @@ if nev > 0 then
 end
 -- followers elsewhere block on the bell only while the run executes
 if ARGV[5] ~= '' then redis.call('PERSIST', bell) else redis.call('PEXPIRE', bell, BELL_MS) end
-local pending = tonumber(redis.call('HGET', KEYS[1], 'pending_approvals') or '0')
+local pending = tonumber(cur[5] or '0')
 for i = 1, nnew do
   redis.call('HSET', KEYS[3 + i], 'status', 'pending', 'doc', ARGV[E + nev + i])
   pending = pending + 1
@@ -136,13 +136,14 @@ if n > 0 then
   redis.call('XADD', KEYS[5], 'MAXLEN', 1, '0-' .. n, 'n', n)
 end
 for i = 1, n do out[#out + 1] = i end
+if fields.lease_owner == '' then redis.call('PEXPIRE', KEYS[5], BELL_MS) end
 redis.call('HSET', KEYS[1], 'last_seq', n)
 if ARGV[4 + n] and ARGV[4 + n] ~= '' then
   redis.call('SET', KEYS[3], ARGV[4 + n], 'EX', tonumber(ARGV[5 + n]))
 end
 if ARGV[6 + n] and ARGV[6 + n] ~= '' then index_writes(ARGV[6 + n]) end
 return out
-"""
+""".replace("BELL_MS", str(BELL_MS))
 
 # KEYS: run hash, its document, its events, an idempotency key. ARGV: read the events after
 # this one ('' for none), read the remembered outcome ('1'). One atomic read of a run.

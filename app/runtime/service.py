@@ -199,11 +199,12 @@ class RunService:
                          updated_at=now, doc=doc, lease_owner=fields["lease_owner"],
                          lease_until=fields["lease_until"])
 
-    def _execute(self, agent: Agent, run: StoredRun,
-                 events: list[StoredEvent]) -> RunChannel:
-        """Execute `run` here; its channel starts with `events`, the ones that started it."""
+    def _execute(self, agent: Agent, run: StoredRun, events: list[StoredEvent],
+                 doc_json: str | None = None) -> RunChannel:
+        """Execute `run` here; its channel starts with `events`, the ones that started it
+        (`doc_json`: the document as the commit that started it wrote it)."""
         channel = self.channels.open(run.run_id, events)
-        session = RunSession(self.store, agent, run, self.life, channel)
+        session = RunSession(self.store, agent, run, self.life, channel, doc_json)
 
         def work() -> None:
             try:
@@ -238,10 +239,10 @@ class RunService:
             doc = {**run.doc, "tools": resolved, APPLY_KEY: actions}
             after = run.last_seq
             try:
-                run, events = self._commit_continue(run, doc, idempotency)
+                run, events, doc_json = self._commit_continue(run, doc, idempotency)
             except StaleRun:
                 continue
-            channel = self._execute(agent, run, events)
+            channel = self._execute(agent, run, events, doc_json)
             return Started(run.run_id, after=after, channel=channel, history=read.events)
         raise StaleRun(access.run_id)
 
@@ -271,7 +272,8 @@ class RunService:
         return Started(run_id, after=int(remembered["after"]))
 
     def _commit_continue(self, run: StoredRun, doc: dict[str, Any],
-                         idempotency: Idempotency | None) -> tuple[StoredRun, list[StoredEvent]]:
+                         idempotency: Idempotency | None
+                         ) -> tuple[StoredRun, list[StoredEvent], str]:
         now = time.time()
         doc["updated_at"] = int(now)
         remember = None
@@ -294,7 +296,7 @@ class RunService:
             result.version, RunState.CONTINUED, doc, result.seqs[-1])
         run.updated_at = now
         return run, [StoredEvent(seq, data) for seq, data
-                     in zip(result.seqs, commit.events, strict=True)]
+                     in zip(result.seqs, commit.events, strict=True)], commit.encoded_doc()
 
     def _decided(self, run: StoredRun) -> dict[str, Approval]:
         """The admins' decisions on the calls waiting now, by approval id, as the resolve

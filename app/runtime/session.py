@@ -134,7 +134,7 @@ class RunSession:
     """
 
     def __init__(self, store: RunStore, agent: Agent, run: StoredRun, life: Lifecycle,
-                 channel: RunChannel | None = None) -> None:
+                 channel: RunChannel | None = None, doc_json: str | None = None) -> None:
         self.store = store
         self.agent = agent
         self.life = life
@@ -145,7 +145,7 @@ class RunSession:
         self.approval_ids: list[str] = list(run.doc.get("_approval_ids", []))
         self.channel = channel
         self._run = run
-        self._written = dumps(run.doc)
+        self._written = doc_json or dumps(run.doc)  # the document as stored
         self._last_seq = run.last_seq
         self._updated_at = run.updated_at
         self._envelope = envelope(run.doc)
