@@ -183,8 +183,33 @@ def summary(results: dict) -> str:
               "end p99 ms | client ceiling (bare req/s) |", "|---|---|---|---|---|---|---|"],
              ["| stored runs | load runs/s | Redis MB | continue p50 ms | p99 ms | "
               "Redis µs per pair | machine cores busy |", "|---|---|---|---|---|---|---|"]]
-    return "\n\n".join("\n".join(head + rows) for head, rows in zip(heads, tables,
-                                                                    strict=True) if rows)
+    parts = ["\n".join(head + rows) for head, rows in zip(heads, tables, strict=True) if rows]
+    costs = results.get("redis")
+    if costs:
+        parts.append(_costs_table(costs))
+    return "\n\n".join(parts)
+
+
+def _costs_table(costs: dict) -> str:
+    """What one request costs Redis, as the README's table."""
+    create, cont = costs["commands"]["create"], costs["commands"]["continue"]
+    bytes_rows = costs["bytes"]["rows"]
+    memory = costs["memory"]
+    lines = ["| Redis figure | value |", "|---|---|",
+             f"| round trips per create / per continue (`confirm-agent`, `stream=false`) | "
+             f"{create['round_trips']} / {cont['round_trips']} |",
+             f"| client commands per create / per continue (MONITOR) | "
+             f"{create['client_commands']} / {cont['client_commands']} "
+             f"({', '.join(f'{v} {k}' for k, v in cont['by_command'].items())}) |",
+             "| bytes Redis receives for an answer of "
+             + " / ".join(f"{r['deltas']:,}" for r in bytes_rows) + " deltas | "
+             + " / ".join(f"{r['redis_bytes_in'] / 1e6:.2f} MB ({r['bytes_per_delta']} B "
+                          "per delta)" for r in bytes_rows) + " |",
+             f"| memory per paused / finished demo run at rest (`MEMORY USAGE` of its keys) | "
+             f"{memory['paused']['bytes_per_run_mean']:,} B / "
+             f"{memory['finished']['bytes_per_run_mean']:,} B (right after its pause, the bell "
+             f"still there: {memory['just_paused']['bytes_per_run_mean']:,} B) |"]
+    return "\n".join(lines)
 
 
 PARTS = ("rates", "streamed", "costs", "flat")

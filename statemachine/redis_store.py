@@ -1,10 +1,18 @@
-"""The Redis store: one hash per run, a stream of events per run, Lua compare-and-set.
+"""The Redis store: per run a hash, a document, a list of events and a bell; Lua compare-and-set.
 
-Scripts are sent with EVALSHA and reloaded on NOSCRIPT (redis-py's `Script` does both). Index
-keys (listing, sweeps) are written before the run's own atomic commit and checked against the
-run when read, so a crash between the two leaves a harmless hint, never a wrong answer (see
-`redis_index`). With `cluster=True` the client is redis-py's `RedisCluster`: every script
-touches the keys of one slot, and pipelines hold only commands it can route one by one.
+The run's hash holds short fields only (Redis keeps it compact); the document is its own key,
+written only by the commits that change it; the events are a list, event N at index N - 1
+and stored without the envelope the hash already holds (see `Envelope`); the bell is a
+one-entry stream each commit touches, for followers in other processes to block on (XREAD),
+and it lapses shortly after the run pauses or ends. So a paused demo run keeps under 4 KB and
+a delta costs its own bytes.
+
+Scripts are sent with EVALSHA and reloaded on NOSCRIPT (redis-py's `Script` does both). On a
+single server a commit's index writes go inside its script. In a cluster, index keys
+(listing, sweeps) are written before the run's own atomic commit and checked against the run
+when read, so a crash between the two leaves a harmless hint, never a wrong answer (see
+`redis_index`); there the client is redis-py's `RedisCluster`: every script touches the keys
+of one slot, and pipelines hold only commands it can route one by one.
 """
 
 from __future__ import annotations
