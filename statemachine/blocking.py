@@ -26,6 +26,16 @@ def gevent_active() -> bool:
     return bool(monkey is not None and monkey.is_module_patched("socket"))
 
 
+def native_lock() -> Any:
+    """A lock of the operating system's threads, even where gevent patched `threading`: for
+    code that runs in `Offload`'s real threads (a patched lock belongs to one thread's hub)."""
+    try:
+        from gevent.monkey import get_original
+    except ImportError:  # no gevent: threading's lock is the native one
+        return threading.Lock()
+    return get_original("_thread", "allocate_lock")()
+
+
 def _outcome(call: Callable[[], T]) -> tuple[bool, Any]:
     """The call's result or its exception, as a value: gevent's pool would print (as an
     unhandled error) every exception a task raises, domain errors like RunNotFound included."""
