@@ -11,6 +11,7 @@ have no side effects, because transitions does not roll a state back when a call
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from transitions import Machine, MachineError
 
@@ -72,12 +73,32 @@ def decide(state: RunState, trigger: Trigger, *, admin_pending: bool = False) ->
 
     Raises `InvalidTransition` when the state has no such transition and `ApprovalPending`
     when the admin_pending guard holds it. This is the only place either is decided.
+
+    The machine's answer depends on these three inputs alone (it is shared, holds no run,
+    and its callbacks have no side effects), so each answer is asked of it once and kept:
+    every write of every run decides, and transitions' trigger costs tens of microseconds.
     """
+    outcome = _ANSWERS.get((state, trigger, admin_pending))
+    if outcome is None:
+        outcome = _ANSWERS[(state, trigger, admin_pending)] = _ask(state, trigger,
+                                                                   admin_pending)
+    if outcome is InvalidTransition:
+        raise InvalidTransition(state, trigger.value)
+    if outcome is ApprovalPending:
+        raise ApprovalPending()
+    return outcome
+
+
+_ANSWERS: dict[tuple[RunState, Trigger, bool], Any] = {}
+
+
+def _ask(state: RunState, trigger: Trigger, admin_pending: bool) -> Any:
+    """The machine's own answer: the state it moves to, or the refusal's exception class."""
     facts = RunFacts(state=state, admin_pending=admin_pending)
     try:
         moved = MACHINE.events[trigger.value].trigger(facts)
     except MachineError:
-        raise InvalidTransition(state, trigger.value) from None
+        return InvalidTransition
     if not moved:
-        raise ApprovalPending()
+        return ApprovalPending
     return facts.state
