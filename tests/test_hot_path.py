@@ -171,13 +171,18 @@ def test_events_are_read_back_as_committed_with_or_without_their_envelope(redis_
     assert list(envelope.dress(envelope.strip(same))) == list(same)
 
 
-def test_reindex_moves_a_run_of_the_layout_before_the_event_list(redis_only):
-    app = app_with(redis_only)
+def paused_run(store) -> dict:
+    """A confirm-agent run, created through the API and paused; the app is gone after."""
+    app = app_with(store)
     try:
-        run = app.test_client().post("/agents/confirm-agent/runs",
-                                     data={"message": "hi", "stream": "false"}).json
+        return app.test_client().post("/agents/confirm-agent/runs",
+                                      data={"message": "hi", "stream": "false"}).json
     finally:
         app.extensions["agentos"].executor.shutdown(wait=True)
+
+
+def test_reindex_moves_a_run_of_the_layout_before_the_event_list(redis_only):
+    run = paused_run(redis_only)
     client, keys, rid = redis_only.redis, redis_only.keys, run["run_id"]
     events = [e.data for e in redis_only.read_events(rid)]
     doc = client.get(keys.doc(rid))
@@ -195,12 +200,7 @@ def test_reindex_moves_a_run_of_the_layout_before_the_event_list(redis_only):
 
 
 def test_a_paused_run_lets_its_bell_go(redis_only):
-    app = app_with(redis_only)
-    try:
-        run = app.test_client().post("/agents/confirm-agent/runs",
-                                     data={"message": "hi", "stream": "false"}).json
-    finally:
-        app.extensions["agentos"].executor.shutdown(wait=True)
+    run = paused_run(redis_only)
     bell = redis_only.keys.bell(run["run_id"])
     assert 0 < redis_only.redis.pttl(bell) <= lua.BELL_MS
     wait_until(lambda: not redis_only.redis.exists(bell), timeout=lua.BELL_MS / 1000 + 5,
