@@ -249,13 +249,15 @@ class RunService:
     def _visible_read(self, access: RunAccess, history: bool,
                       idempotency: Idempotency | None) -> RunRead:
         """`visible_run`, with the events and the remembered outcome in the same read."""
-        read = self.store.read_run(access.run_id, events_after=0 if history else None,
-                                   recall=idempotency.key if idempotency else None)
-        if not _visible(read.run, access):
+
+        def read() -> RunRead:
+            return self.store.read_run(access.run_id, events_after=0 if history else None,
+                                       recall=idempotency.key if idempotency else None)
+
+        found = read()
+        if not _visible(found.run, access):
             raise RunNotFound(access.run_id)
-        if self._settle(read.run):
-            return self._visible_read(access, history, idempotency)
-        return read
+        return read() if self._settle(found.run) else found
 
     def _replay(self, run_id: str, idempotency: Idempotency | None) -> Started | None:
         if idempotency is None:

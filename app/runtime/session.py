@@ -216,7 +216,7 @@ class RunSession:
             if not self._batch_due():
                 FLUSHER.watch(self, self._pending_since + BATCH_SECONDS)
                 return
-            self._flush(0.0)
+            self._flush(0.0, from_flusher=True)
         except StoreUnavailable:
             FLUSHER.watch(self, time.monotonic() + BATCH_SECONDS)
         except Exception as exc:  # noqa: BLE001 - raised in the run's own thread instead
@@ -261,13 +261,18 @@ class RunSession:
             self._cancel()
             raise RunCancelledHere(self.run_id) from None
 
-    def _flush(self, within: float) -> None:
-        """Commit the pending events as a checkpoint (after any in-flight one)."""
+    def _flush(self, within: float, from_flusher: bool = False) -> None:
+        """Commit the pending events as a checkpoint (after any in-flight one).
+
+        The flusher's checkpoint carries events only: the run's own thread may be changing
+        the document right now (its next commit writes it), and only that thread touches it.
+        """
         self._settle_inflight(within)
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        self._inflight = self._commit(self.state, pending, [], [], self.approval_ids)
+        self._inflight = self._commit(self.state, pending, [], [], self.approval_ids,
+                                      with_doc=not from_flusher)
         self._inflight.reindex = False
         self._settle_inflight(within, tried=False)
 
@@ -276,15 +281,19 @@ class RunSession:
             self._apply(self._inflight, self.state, within, uncertain=tried)
 
     def _commit(self, state: RunState, events: list[dict[str, Any]],
-                approvals: list[Approval], expire: list[str], approval_ids: list[str]) -> Commit:
+                approvals: list[Approval], expire: list[str], approval_ids: list[str],
+                with_doc: bool = True) -> Commit:
         """The commit of `events` in `state`; the document goes with it when the state
-        changes or when the document changed since the last commit."""
+        changes or when the document changed since the last commit (never `with_doc`
+        False: the document is then neither read nor touched)."""
         now = time.time()
-        self.doc["_approval_ids"] = approval_ids
-        if state is not self.state or approvals or expire:
-            self.doc["updated_at"] = int(now)
-        encoded = dumps(self.doc)
-        changed = state is not self.state or encoded != self._written
+        encoded = None
+        if with_doc:
+            self.doc["_approval_ids"] = approval_ids
+            if state is not self.state or approvals or expire:
+                self.doc["updated_at"] = int(now)
+            encoded = dumps(self.doc)
+        changed = with_doc and (state is not self.state or encoded != self._written)
         commit = Commit(run_id=self.run_id, expected_version=self.version, state=state,
                         doc=self.doc if changed else None, now=now, events=events,
                         approvals=approvals, expire_approvals=expire,
