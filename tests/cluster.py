@@ -15,10 +15,11 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
 
-from tests.servers import wait_until
+from tests.servers import no_redis, wait_until
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -248,3 +249,20 @@ class LabNetwork:
         for undo in reversed(self._made):
             _ip(*undo, check=False)
         self._made.clear()
+
+
+def started_cluster(lab_network: LabNetwork | str, what: str) -> Iterator[RedisClusterNodes]:
+    """A private Redis Cluster on the lab network's gateway (loopback without one), stopped
+    after its use; where redis-server is missing, `no_redis(what)` (a failure under
+    REQUIRE_REDIS). A fixture yields from it."""
+    host = lab_network.gateway if isinstance(lab_network, LabNetwork) else "127.0.0.1"
+    nodes = RedisClusterNodes(host=host)
+    try:
+        nodes.start()
+    except FileNotFoundError:
+        nodes.stop()
+        no_redis(what)
+    try:
+        yield nodes
+    finally:
+        nodes.stop()

@@ -22,8 +22,8 @@ import redis
 from app import create_app
 from statemachine.redis_store import RedisRunStore
 from statemachine.sqlite_store import SqliteRunStore
-from tests.cluster import LabNetwork, RedisClusterNodes
-from tests.servers import RedisServer, no_redis
+from tests.cluster import LabNetwork, RedisClusterNodes, started_cluster
+from tests.servers import RedisServer
 
 STORE_KINDS = ["sqlite", "redis"]
 ALL_STORE_KINDS = ["sqlite", "redis", "redis-cluster"]
@@ -65,17 +65,7 @@ def lab_network() -> Iterator[LabNetwork | str]:
 @pytest.fixture(scope="session")
 def redis_cluster(lab_network) -> Iterator[RedisClusterNodes]:
     """A private Redis Cluster for the whole session (3 primaries + 3 replicas, AOF)."""
-    host = lab_network.gateway if isinstance(lab_network, LabNetwork) else "127.0.0.1"
-    nodes = RedisClusterNodes(host=host)
-    try:
-        nodes.start()
-    except FileNotFoundError:
-        nodes.stop()
-        no_redis("Redis Cluster")
-    try:
-        yield nodes
-    finally:
-        nodes.stop()
+    yield from started_cluster(lab_network, "Redis Cluster")
 
 
 @pytest.fixture

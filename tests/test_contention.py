@@ -308,23 +308,24 @@ def redis_stop(server: RedisServer, seconds: float):
     return outage
 
 
-def test_an_error_written_during_a_sqlite_lock_is_retried(tmp_path):
-    path = str(tmp_path / "fail.db")
-    store = SqliteRunStore(path, busy_timeout=0.2)
+def assert_error_written_through(store, outage) -> None:
+    """The run's RunError lands although `outage` refused its first attempts."""
     try:
-        run = fail_through_an_outage(store, sqlite_lock(path, 1.5))
+        run = fail_through_an_outage(store, outage)
     finally:
         store.close()
     assert run.state is RunState.ERRORED and run.doc["content"] == "the provider is down"
+
+
+def test_an_error_written_during_a_sqlite_lock_is_retried(tmp_path):
+    path = str(tmp_path / "fail.db")
+    assert_error_written_through(SqliteRunStore(path, busy_timeout=0.2), sqlite_lock(path, 1.5))
 
 
 def test_an_error_written_during_a_redis_stall_is_retried(private_redis):
-    store = RedisRunStore(private_redis.url, prefix="fail", socket_timeout=0.5)
-    try:
-        run = fail_through_an_outage(store, redis_stop(private_redis, 1.5))
-    finally:
-        store.close()
-    assert run.state is RunState.ERRORED and run.doc["content"] == "the provider is down"
+    assert_error_written_through(
+        RedisRunStore(private_redis.url, prefix="fail", socket_timeout=0.5),
+        redis_stop(private_redis, 1.5))
 
 
 # -- 6: Redis at maxmemory --------------------------------------------------------------------

@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.cluster import LabNetwork, RedisClusterNodes
-from tests.servers import no_redis, wait_until
+from tests.cluster import started_cluster
+from tests.servers import wait_until
 from tests.test_gunicorn_race import Sessions, create_paused
 from tests.test_hosts import all_tool_lines, start_hosts, stop_hosts
 
@@ -31,15 +31,8 @@ LEASE = 5  # seconds: a run whose final write the outage refused is settled with
 
 @pytest.fixture
 def cluster(lab_network):
-    host = lab_network.gateway if isinstance(lab_network, LabNetwork) else "127.0.0.1"
-    nodes = RedisClusterNodes(host=host)
-    try:
-        nodes.start()
-    except FileNotFoundError:
-        nodes.stop()
-        no_redis("Redis Cluster failover")
-    yield nodes
-    nodes.stop()
+    """A cluster of its own: the test kills one of its primaries."""
+    yield from started_cluster(lab_network, "Redis Cluster failover")
 
 
 @pytest.fixture
