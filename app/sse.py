@@ -75,14 +75,12 @@ def follow(
     while time.monotonic() < deadline:
         if channel is None or channel.closed or not channel.covers(after):
             channel = channels.live(run_id, after) if channels is not None else None
+        wait = _wait(deadline, quiet_since, ping_seconds)
         try:
             if channel is not None:
-                events = _channel_events(channel, after,
-                                         _wait(deadline, quiet_since, ping_seconds),
-                                         stall_seconds)
+                events = _channel_events(channel, after, wait, stall_seconds)
             else:
-                events = _next_events(store, run_id, after, current_state,
-                                      _wait(deadline, quiet_since, ping_seconds))
+                events = _next_events(store, run_id, after, current_state, wait)
             down_since = None
         except StoreUnavailable:
             down_since = down_since or time.monotonic()

@@ -131,18 +131,12 @@ class _Hint:
         self.shard = shard_of(run_id)
         self.keys = [keys.run_hinted(self.shard), keys.run_identity(self.shard)]
         self.args: list[Any] = [run_id, version, identity]
-        self.rows: list[list[str]] = []
 
     def add(self, key: str, member: str, score: float | None = None,
             same_as: str | None = None) -> None:
         """Add `member` to `key` at `score`, or at the score it has in `same_as` (a key
-        already added, or `key` itself; for an inline hint any key), or nowhere if it has
-        none there."""
+        already added, or `key` itself), or nowhere if it has none there."""
         self.keys.append(key)
-        self.rows.append([key, "" if score is None else repr(score), member, same_as or ""])
-        if same_as is not None and same_as not in self.keys:
-            self.args += ["@-", member]  # only `entries` can say it (see RedisIndex.inline)
-            return
         self.args += [repr(score) if same_as is None else f"@{self.keys.index(same_as) + 1}",
                       member]
 
@@ -155,7 +149,14 @@ class _Hint:
     def entries(self) -> list[list[str]]:
         """The sorted-set entries as [key, score, member, key whose score to take] ('' for
         none), for a script that applies them itself (see `RedisIndex.inline`)."""
-        return self.rows
+        rows = []
+        for i, key in enumerate(self.keys[2:]):
+            score, member = self.args[3 + 2 * i], self.args[4 + 2 * i]
+            if score.startswith("@"):
+                rows.append([key, "", member, self.keys[int(score[1:]) - 1]])
+            else:
+                rows.append([key, score, member, ""])
+        return rows
 
 
 def pipe_eval(pipe: Any, source: str, keys: list[str], args: list[Any]) -> None:
@@ -246,7 +247,7 @@ class RedisIndex:
         that COMMIT applies in its own atomic step: on a single Redis server all keys are
         reachable from one script, so a commit costs one round trip and its indexes are
         exact at once. `extra` are more [key, score, member] entries (the outbox shard)."""
-        hint, owners = self._commit_hint(commit, inline=True)
+        hint, owners = self._commit_hint(commit)
         entries = [*hint.entries(), *([key, score, member, ""] for key, score, member in extra)]
         removals = [[key, member] for keys, member in self._made_stale(commit)
                     for key in keys]
@@ -255,17 +256,13 @@ class RedisIndex:
                            "s": [list(owner) for owner in owners], "r": removals},
                           separators=(",", ":"))
 
-    def _commit_hint(self, commit: Commit,
-                     inline: bool = False) -> tuple[_Hint, list[tuple[str, str, str]]]:
-        """The HINT of `commit`, and the approval-to-run entries of its new approvals. A hint
-        renews the run's base entry (a hint before it may have been lost); writes made in
-        the same atomic step as every commit since the create need not."""
+    def _commit_hint(self, commit: Commit) -> tuple[_Hint, list[tuple[str, str, str]]]:
+        """The HINT of `commit`, and the approval-to-run entries of its new approvals."""
         k, rid = self.keys, commit.run_id
         s, agent = shard_of(rid), self._agent_of(commit)
         hint = _Hint(k, rid, commit.expected_version + 1)
         base = k.agent_runs(s, agent)
-        if not inline:
-            hint.add(base, rid, same_as=base)
+        hint.add(base, rid, same_as=base)
         hint.add(k.agent_state_runs(s, agent, commit.state.value), rid, same_as=base)
         retained = commit.now if commit.retain_seconds is not None else None
         self._lifecycle(hint, rid, commit.lease_until, commit.paused_at, retained)

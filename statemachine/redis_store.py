@@ -217,10 +217,15 @@ def _unpack(raw: str, envelope: Envelope) -> dict[str, Any]:
     return json.loads(raw)
 
 
-def _envelope(fields: dict[str, str]) -> Envelope:
+def _envelope(fields: dict[str, str | None]) -> Envelope:
     """The envelope of the run whose hash has `fields` (for putting events back whole)."""
-    return Envelope(fields.get("agent_id", ""), fields.get("agent_name", ""),
-                    fields.get("run_id", ""), fields.get("session_id", ""))
+    return Envelope(*(fields.get(key) or "" for key in ENVELOPE_KEYS))
+
+
+def _stored_events(raws: list[str], after: int, envelope: Envelope) -> list[StoredEvent]:
+    """The list's elements read from index `after` on, as the events they store."""
+    return [StoredEvent(seq=after + i + 1, data=_unpack(raw, envelope))
+            for i, raw in enumerate(raws)]
 
 
 def _creation_envelope(run: StoredRun) -> Envelope | None:
@@ -446,9 +451,7 @@ class RedisRunStore:
         run = _run_from_hash(fields, out[2])
         events = None
         if events_after is not None:
-            envelope = _envelope(fields)
-            events = [StoredEvent(seq=events_after + i + 1, data=_unpack(raw, envelope))
-                      for i, raw in enumerate(out[3])]
+            events = _stored_events(out[3], events_after, _envelope(fields))
         return RunRead(run, events, json.loads(out[4]) if out[4] else None)
 
     @_guarded
@@ -556,9 +559,8 @@ class RedisRunStore:
         pipe.lrange(self.keys.events(run_id), after, after + limit - 1)
         pipe.hmget(self.keys.run(run_id), *ENVELOPE_KEYS)
         raws, identity = pipe.execute()
-        envelope = Envelope(*(value or "" for value in identity))
-        return [StoredEvent(seq=after + i + 1, data=_unpack(raw, envelope))
-                for i, raw in enumerate(raws)]
+        return _stored_events(raws, after, _envelope(dict(zip(ENVELOPE_KEYS, identity,
+                                                               strict=True))))
 
     @_guarded
     def wait_events(self, run_id: str, after: int, timeout: float) -> list[StoredEvent]:

@@ -222,6 +222,23 @@ def _run_from_row(row: sqlite3.Row) -> StoredRun:
     )
 
 
+def _stored_run(db: sqlite3.Connection, run_id: str) -> StoredRun:
+    row = db.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+    if row is None:
+        raise RunNotFound(run_id)
+    return _run_from_row(row)
+
+
+def _events_after(db: sqlite3.Connection, run_id: str, after: int,
+                  limit: int) -> list[StoredEvent]:
+    """The run's events after `after`, in order, at most `limit` (-1: all of them)."""
+    rows = db.execute(
+        "SELECT seq, data FROM events WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+        (run_id, after, limit),
+    ).fetchall()
+    return [StoredEvent(seq=row["seq"], data=json.loads(row["data"])) for row in rows]
+
+
 def _approval_from_row(row: sqlite3.Row) -> Approval:
     resolution = json.loads(row["resolution"]) if row["resolution"] else {}
     doc = json.loads(row["doc"])
@@ -380,12 +397,7 @@ class SqliteRunStore:
 
     @_guarded
     def get_run(self, run_id: str) -> StoredRun:
-        row = self._read().execute(
-            f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,)
-        ).fetchone()
-        if row is None:
-            raise RunNotFound(run_id)
-        return _run_from_row(row)
+        return _stored_run(self._read(), run_id)
 
     @_guarded
     def read_run(self, run_id: str, *, events_after: int | None = None,
@@ -395,18 +407,13 @@ class SqliteRunStore:
         db = self._read()
         db.execute("BEGIN")
         try:
-            row = db.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?",
-                             (run_id,)).fetchone()
-            if row is None:
-                raise RunNotFound(run_id)
-            events = None if events_after is None else [
-                StoredEvent(seq=e["seq"], data=json.loads(e["data"])) for e in db.execute(
-                    "SELECT seq, data FROM events WHERE run_id = ? AND seq > ? ORDER BY seq",
-                    (run_id, events_after))]
+            run = _stored_run(db, run_id)
+            events = None if events_after is None else _events_after(db, run_id,
+                                                                     events_after, -1)
             remembered = None if recall is None else self._recalled(db, run_id, recall)
         finally:
             db.execute("COMMIT")
-        return RunRead(_run_from_row(row), events, remembered)
+        return RunRead(run, events, remembered)
 
     @_guarded
     def commit(self, commit: Commit) -> CommitResult:
@@ -498,11 +505,7 @@ class SqliteRunStore:
 
     @_guarded
     def read_events(self, run_id: str, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
-        rows = self._read().execute(
-            "SELECT seq, data FROM events WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-            (run_id, after, limit),
-        ).fetchall()
-        return [StoredEvent(seq=row["seq"], data=json.loads(row["data"])) for row in rows]
+        return _events_after(self._read(), run_id, after, limit)
 
     def wait_events(self, run_id: str, after: int, timeout: float) -> list[StoredEvent]:
         """Poll for events after `after` for up to `timeout` seconds."""

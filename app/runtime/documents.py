@@ -162,14 +162,6 @@ def event(run: dict[str, Any], name: str, **fields: Any) -> dict[str, Any]:
     })
 
 
-def is_tool_object(value: Any) -> bool:
-    return isinstance(value, dict) and "tool_call_id" in value and "tool_args" in value
-
-
-def is_user_input_field(value: Any) -> bool:
-    return isinstance(value, dict) and "name" in value and "field_type" in value
-
-
 def compact(value: Any) -> Any:
     """Drop null-valued keys, except inside tool objects, where every key is always present,
     and in user-input fields (a requirement's `user_input_schema`), which the reference's
