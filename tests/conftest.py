@@ -23,7 +23,7 @@ from app import create_app
 from statemachine.redis_store import RedisRunStore
 from statemachine.sqlite_store import SqliteRunStore
 from tests.cluster import LabNetwork, RedisClusterNodes, started_cluster
-from tests.servers import RedisServer
+from tests.servers import RedisServer, unavailable
 
 STORE_KINDS = ["sqlite", "redis"]
 ALL_STORE_KINDS = ["sqlite", "redis", "redis-cluster"]
@@ -38,10 +38,7 @@ def redis_url() -> Iterator[str]:
     try:
         server = RedisServer().start()
     except FileNotFoundError:
-        reason = "Redis tests SKIPPED: no REDIS_URL and no redis-server binary on PATH"
-        if os.environ.get("REQUIRE_REDIS") == "1":
-            pytest.fail(reason.replace("SKIPPED", "REQUIRED but unavailable"))
-        pytest.skip(reason)
+        unavailable("Redis tests SKIPPED: no REDIS_URL and no redis-server binary on PATH")
     try:
         yield server.url
     finally:

@@ -14,7 +14,7 @@ import shutil
 import pytest
 import requests
 
-from tests.servers import Gunicorn, wait_until
+from tests.servers import Gunicorn, unavailable, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -32,10 +32,8 @@ def _browser_or_skip():
     except ImportError:
         missing.append("selenium")
     if missing:
-        reason = f"BROWSER TESTS SKIPPED: {', '.join(missing)} not installed"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason.replace("SKIPPED", "REQUIRED in CI"))
-        pytest.skip(reason)
+        unavailable(f"BROWSER TESTS SKIPPED: {', '.join(missing)} not installed",
+                    required_by="CI")
     return webdriver
 
 

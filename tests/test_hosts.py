@@ -21,7 +21,7 @@ import pytest
 
 from tests.cluster import LabNetwork, RedisClusterNodes
 from tests.conftest import drop_cluster_prefix
-from tests.servers import Gunicorn
+from tests.servers import Gunicorn, unavailable
 from tests.test_gunicorn_race import Sessions, check_pair, contend, create_paused
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
@@ -96,8 +96,8 @@ def all_tool_lines(hosts: list[Host]) -> list[list[str]]:
 
 def test_the_hosts_are_network_namespaces(lab_network, hosts):
     if not isinstance(lab_network, LabNetwork):
-        pytest.skip("FALLBACK: two gunicorn masters on separate loopback ports stand in for "
-                    f"two hosts, because {lab_network}")
+        unavailable("SKIPPED (FALLBACK: two gunicorn masters on separate loopback ports stand "
+                    f"in for two hosts, because {lab_network})", required_by="CI")
     assert [h.server.netns for h in hosts] == lab_network.namespaces
     assert len({h.server.host for h in hosts}) == 2
     assert not any(h.server.host.startswith("127.") for h in hosts)

@@ -20,7 +20,7 @@ from statemachine.redis_store import RedisRunStore
 from statemachine.states import RunState
 from statemachine.store import RunQuery, StoredRun
 from tests.cluster import RedisClusterNodes
-from tests.servers import free_port, wait_until
+from tests.servers import free_port, unavailable, wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -40,7 +40,7 @@ def _certificate(directory: Path) -> Path:
 def tls_redis(tmp_path_factory):
     """(rediss:// URL with user and password, CA file) of a TLS-only private redis-server."""
     if shutil.which("openssl") is None or shutil.which("redis-server") is None:
-        pytest.skip("TLS test SKIPPED: needs openssl and redis-server on PATH")
+        unavailable("TLS test SKIPPED: needs openssl and redis-server on PATH")
     directory = tmp_path_factory.mktemp("tls")
     cert = _certificate(directory)
     port = free_port()
@@ -72,7 +72,7 @@ def _pings(store: RedisRunStore, process: subprocess.Popen) -> bool:
     if process.poll() is not None:
         output = process.stdout.read().decode(errors="replace") if process.stdout else ""
         if "TLS" in output and ("support" in output or "not built" in output):
-            pytest.skip(f"TLS test SKIPPED: this redis-server was built without TLS: {output}")
+            unavailable(f"TLS test SKIPPED: this redis-server was built without TLS: {output}")
         pytest.fail(f"redis-server with TLS exited: {output[-500:]}")
     try:
         store.ping()
