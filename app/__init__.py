@@ -146,36 +146,36 @@ def _register(app: Flask) -> None:
     install(app)
     enable_cors(app, app.config["AGENTOS"]["CORS_ORIGINS"])
 
+    timeout = app.config["AGENTOS"]["STORE_TIMEOUT_SECONDS"]
+
     @app.before_request
-    def _strict_query() -> None:
+    def _before_view() -> None:
+        """The checks every request passes before its view, in order (one hook: Flask's
+        cost is per hook, and every request pays it)."""
         check_query(request.query_string)
-
-    @app.before_request
-    def _start_background() -> None:
         start_background(app)
-
-    @app.before_request
-    def _no_empty_segment() -> None:
-        """Werkzeug would merge `//` (even a leading one) into `/`: the contract says 404."""
-        if "//" in request.environ.get(RAW_PATH, request.path):
-            raise NotFound()
-
-    @app.before_request
-    def _ids_we_could_have_made() -> None:
-        """An id in the path that no id of ours looks like is not found, before any store."""
-        for name, value in (request.view_args or {}).items():
-            if name.endswith("_id") and not SERVER_ID.fullmatch(str(value)):
-                raise _NOT_FOUND.get(name, NotFound)(value)
-
-    @app.before_request
-    def _open_store_budget() -> None:
-        g.store_budget = deadline.open_budget(app.config["AGENTOS"]["STORE_TIMEOUT_SECONDS"])
+        _no_empty_segment()
+        _ids_we_could_have_made()
+        g.store_budget = deadline.open_budget(timeout)
 
     @app.teardown_request
     def _close_store_budget(_exc: BaseException | None) -> None:
         token = g.pop("store_budget", None)
         if token is not None:
             deadline.close_budget(token)
+
+
+def _no_empty_segment() -> None:
+    """Werkzeug would merge `//` (even a leading one) into `/`: the contract says 404."""
+    if "//" in request.environ.get(RAW_PATH, request.path):
+        raise NotFound()
+
+
+def _ids_we_could_have_made() -> None:
+    """An id in the path that no id of ours looks like is not found, before any store."""
+    for name, value in (request.view_args or {}).items():
+        if name.endswith("_id") and not SERVER_ID.fullmatch(str(value)):
+            raise _NOT_FOUND.get(name, NotFound)(value)
 
 
 def start_background(app: Flask) -> None:

@@ -2,14 +2,16 @@
 
 flask-cors answers every preflight (it runs before any view, so no credential is needed for
 an OPTIONS request) and adds the `Access-Control-Allow-*` headers to every answer, errors
-included, for an allowed origin only: any other origin gets no CORS header at all.
+included, for an allowed origin only: any other origin gets no CORS header at all, and
+neither does a request without an `Origin` (not a browser's cross-origin request: flask-cors
+is not even asked, which spares every API client its matching on the hot path).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from flask import Flask
+from flask import Flask, Response, request
 from flask_cors import CORS
 
 # The origins Agno's AgentOS allows out of the box: the local Agent UI and the hosted apps.
@@ -32,4 +34,19 @@ def allowed_origins(setting: Any) -> list[str]:
 def enable_cors(app: Flask, setting: Any) -> None:
     """Exact-match origins (never a pattern), credentials allowed, `Location` readable."""
     CORS(app, origins=allowed_origins(setting), supports_credentials=True,
-         expose_headers=["Location"], max_age=600)
+         expose_headers=["Location"], max_age=600, always_send=False)
+    _only_with_origin(app)
+
+
+def _only_with_origin(app: Flask) -> None:
+    """flask-cors's answer hook (the one `CORS` just added) runs only for a request with an
+    `Origin`; its preflight answer is not a hook and stays as it is."""
+    hooks = app.after_request_funcs.setdefault(None, [])
+    cors_hook = hooks.pop()
+    if cors_hook.__name__ != "cors_after_request":  # a flask-cors that hooks in otherwise
+        raise RuntimeError(f"unexpected flask-cors hook {cors_hook!r}")
+
+    def cross_origin_only(response: Response) -> Response:
+        return cors_hook(response) if "Origin" in request.headers else response
+
+    hooks.append(cross_origin_only)

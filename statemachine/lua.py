@@ -120,31 +120,6 @@ if ARGV[18] ~= '' then index_writes(ARGV[18]) end
 """.replace("BELL_MS", str(BELL_MS)) + OUTBOX_TAIL + """return out
 """
 
-CREATE = INDEX_WRITES + """
-if redis.call('EXISTS', KEYS[1]) == 1 then return {-5} end
-local n = tonumber(ARGV[1])
-local fields = cjson.decode(ARGV[2])
-local flat = {}
-for k, val in pairs(fields) do flat[#flat + 1] = k; flat[#flat + 1] = tostring(val) end
-redis.call('HSET', KEYS[1], unpack(flat))
-redis.call('SET', KEYS[4], ARGV[3])
-local out = {1}
-if n > 0 then
-  for i = 4, 3 + n, 1000 do
-    redis.call('RPUSH', KEYS[2], unpack(ARGV, i, math.min(i + 999, 3 + n)))
-  end
-  redis.call('XADD', KEYS[5], 'MAXLEN', 1, '0-' .. n, 'n', n)
-end
-for i = 1, n do out[#out + 1] = i end
-if fields.lease_owner == '' then redis.call('PEXPIRE', KEYS[5], BELL_MS) end
-redis.call('HSET', KEYS[1], 'last_seq', n)
-if ARGV[4 + n] and ARGV[4 + n] ~= '' then
-  redis.call('SET', KEYS[3], ARGV[4 + n], 'EX', tonumber(ARGV[5 + n]))
-end
-if ARGV[6 + n] and ARGV[6 + n] ~= '' then index_writes(ARGV[6 + n]) end
-return out
-""".replace("BELL_MS", str(BELL_MS))
-
 # KEYS: run hash, its document, its events, an idempotency key. ARGV: read the events after
 # this one ('' for none), read the remembered outcome ('1'). One atomic read of a run.
 READ_RUN = """
@@ -205,30 +180,75 @@ return 0
 # now, run_id, exclusive ('1' refuses another user's session). Makes the session (code 1) or
 # joins it (0; 2 when it had no agent and takes the run's); answers {code, agent_id, user_id,
 # created_at} of the session.
-LINK_SESSION = """
-local owner = redis.call('HGET', KEYS[1], 'user_id')
-if not owner then
-  redis.call('HSET', KEYS[1], 'session_id', ARGV[1], 'agent_id', ARGV[2], 'user_id', ARGV[3],
-    'first_message', ARGV[4], 'session_state', '{}', 'created_at', ARGV[5],
-    'updated_at', ARGV[5])
-  redis.call('ZADD', KEYS[2], ARGV[5], ARGV[6])
-  return {1, ARGV[2], ARGV[3], ARGV[5]}
+LINK_FUNCTION = """
+local function link_session(skey, sruns, a)
+  local owner = redis.call('HGET', skey, 'user_id')
+  if not owner then
+    redis.call('HSET', skey, 'session_id', a[1], 'agent_id', a[2], 'user_id', a[3],
+      'first_message', a[4], 'session_state', '{}', 'created_at', a[5], 'updated_at', a[5])
+    redis.call('ZADD', sruns, a[5], a[6])
+    return {1, a[2], a[3], a[5]}
+  end
+  if a[7] == '1' and owner ~= a[3] then return {-6} end
+  redis.call('HSETNX', skey, 'first_message', a[4])
+  local code = 0
+  local agent = redis.call('HGET', skey, 'agent_id')
+  if agent == '' then
+    agent = a[2]
+    code = 2
+    redis.call('HSET', skey, 'agent_id', agent)
+  end
+  if tonumber(a[5]) > tonumber(redis.call('HGET', skey, 'updated_at')) then
+    redis.call('HSET', skey, 'updated_at', a[5])
+  end
+  redis.call('ZADD', sruns, a[5], a[6])
+  return {code, agent, owner, redis.call('HGET', skey, 'created_at')}
 end
-if ARGV[7] == '1' and owner ~= ARGV[3] then return {-6} end
-redis.call('HSETNX', KEYS[1], 'first_message', ARGV[4])
-local code = 0
-local agent = redis.call('HGET', KEYS[1], 'agent_id')
-if agent == '' then
-  agent = ARGV[2]
-  code = 2
-  redis.call('HSET', KEYS[1], 'agent_id', agent)
-end
-if tonumber(ARGV[5]) > tonumber(redis.call('HGET', KEYS[1], 'updated_at')) then
-  redis.call('HSET', KEYS[1], 'updated_at', ARGV[5])
-end
-redis.call('ZADD', KEYS[2], ARGV[5], ARGV[6])
-return {code, agent, owner, redis.call('HGET', KEYS[1], 'created_at')}
 """
+
+LINK_SESSION = LINK_FUNCTION + """
+return link_session(KEYS[1], KEYS[2], ARGV)
+"""
+
+# KEYS: run hash, events, an idempotency key, document, bell; with a session link also the
+# session hash and its runs. ARGV: the number n of events, the hash's fields (JSON), the
+# document, the n events, the remembered outcome and its ttl, the index writes (JSON, single
+# server), the session link (JSON: `a` LINK_SESSION's arguments, `nx`/`gt` the session's
+# listing entries; single server). Answers {-5} for an existing run, {-6} for another user's
+# session, else {1, the events' seqs..., and the link's answer when it linked}.
+CREATE = INDEX_WRITES + LINK_FUNCTION + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {-5} end
+local n = tonumber(ARGV[1])
+local linked = false
+if ARGV[7 + n] and ARGV[7 + n] ~= '' then
+  local link = cjson.decode(ARGV[7 + n])
+  linked = link_session(KEYS[6], KEYS[7], link.a)
+  if linked[1] == -6 then return {-6} end
+  for _, key in ipairs(link.nx) do redis.call('ZADD', key, 'NX', link.a[5], link.a[1]) end
+  for _, key in ipairs(link.gt) do redis.call('ZADD', key, 'GT', link.a[5], link.a[1]) end
+end
+local fields = cjson.decode(ARGV[2])
+local flat = {}
+for k, val in pairs(fields) do flat[#flat + 1] = k; flat[#flat + 1] = tostring(val) end
+redis.call('HSET', KEYS[1], unpack(flat))
+redis.call('SET', KEYS[4], ARGV[3])
+local out = {1}
+if n > 0 then
+  for i = 4, 3 + n, 1000 do
+    redis.call('RPUSH', KEYS[2], unpack(ARGV, i, math.min(i + 999, 3 + n)))
+  end
+  redis.call('XADD', KEYS[5], 'MAXLEN', 1, '0-' .. n, 'n', n)
+end
+for i = 1, n do out[#out + 1] = i end
+if fields.lease_owner == '' then redis.call('PEXPIRE', KEYS[5], BELL_MS) end
+redis.call('HSET', KEYS[1], 'last_seq', n)
+if ARGV[4 + n] and ARGV[4 + n] ~= '' then
+  redis.call('SET', KEYS[3], ARGV[4 + n], 'EX', tonumber(ARGV[5 + n]))
+end
+if ARGV[6 + n] and ARGV[6 + n] ~= '' then index_writes(ARGV[6 + n]) end
+if linked then out[#out + 1] = linked end
+return out
+""".replace("BELL_MS", str(BELL_MS))
 
 # KEYS: session hash. ARGV: the field/value pairs of a new session (JSON object).
 CREATE_SESSION = """

@@ -7,8 +7,9 @@ one-entry stream each commit touches, for followers in other processes to block 
 and it lapses shortly after the run pauses or ends. So a paused demo run keeps under 4 KB and
 a delta costs its own bytes.
 
-Scripts are sent with EVALSHA and reloaded on NOSCRIPT (redis-py's `Script` does both). On a
-single server a commit's index writes go inside its script. In a cluster, index keys
+Scripts are sent with EVALSHA and reloaded on NOSCRIPT (on a single server through
+`redis_scripts`, which skips redis-py's per-command layers; in a cluster through redis-py's
+`Script`). On a single server a commit's index writes go inside its script. In a cluster, index keys
 (listing, sweeps) are written before the run's own atomic commit and checked against the run
 when read, so a crash between the two leaves a harmless hint, never a wrong answer (see
 `redis_index`); there the client is redis-py's `RedisCluster`: every script touches the keys
@@ -52,6 +53,7 @@ from statemachine.outbox import (
 )
 from statemachine.outbox import shard_of as outbox_shard_of
 from statemachine.redis_index import Merge, RedisIndex, pipe_eval
+from statemachine.redis_scripts import LeanScript, ScriptRunner
 from statemachine.states import RunState
 from statemachine.store import (
     ENVELOPE_KEYS,
@@ -333,21 +335,28 @@ class RedisRunStore:
                              max_connections=max_connections)
         self.index = RedisIndex(self.redis, self.keys, _run_from_hash, approval_from_hash)
         self._block_cap = max(0.1, socket_timeout - 1.0)
-        self._commit = self.redis.register_script(lua.COMMIT)
-        self._create = self.redis.register_script(lua.CREATE)
-        self._read = self.redis.register_script(lua.READ_RUN)
-        self._resolve = self.redis.register_script(lua.RESOLVE)
-        self._delete_approval = self.redis.register_script(lua.DELETE_APPROVAL)
-        self._renew = self.redis.register_script(lua.RENEW_LEASE)
-        self._request_cancel = self.redis.register_script(lua.REQUEST_CANCEL)
-        self._link_session = self.redis.register_script(lua.LINK_SESSION)
-        self._create_session = self.redis.register_script(lua.CREATE_SESSION)
-        self._update_session = self.redis.register_script(lua.UPDATE_SESSION)
-        self._delete_run = self.redis.register_script(lua.DELETE_RUN)
-        self._delete_session = self.redis.register_script(lua.DELETE_SESSION)
+        # One server: scripts go through a runner that skips redis-py's per-command layers
+        # (see `redis_scripts`); a cluster client routes each by its keys itself.
+        self._runner = None if cluster else ScriptRunner(self.redis.connection_pool)
+        self._commit = self._script(lua.COMMIT)
+        self._create = self._script(lua.CREATE)
+        self._read = self._script(lua.READ_RUN)
+        self._resolve = self._script(lua.RESOLVE)
+        self._delete_approval = self._script(lua.DELETE_APPROVAL)
+        self._renew = self._script(lua.RENEW_LEASE)
+        self._request_cancel = self._script(lua.REQUEST_CANCEL)
+        self._link_session = self._script(lua.LINK_SESSION)
+        self._create_session = self._script(lua.CREATE_SESSION)
+        self._update_session = self._script(lua.UPDATE_SESSION)
+        self._delete_run = self._script(lua.DELETE_RUN)
+        self._delete_session = self._script(lua.DELETE_SESSION)
 
-        self._claim = self.redis.register_script(lua.OUTBOX_CLAIM)
-        self._reschedule = self.redis.register_script(lua.OUTBOX_RESCHEDULE)
+        self._claim = self._script(lua.OUTBOX_CLAIM)
+        self._reschedule = self._script(lua.OUTBOX_RESCHEDULE)
+
+    def _script(self, source: str) -> Any:
+        script = self.redis.register_script(source)
+        return script if self._runner is None else LeanScript(script, self._runner)
 
     # -- runs ---------------------------------------------------------------------------
 
@@ -361,23 +370,29 @@ class RedisRunStore:
                    remember: Remember | None = None) -> CommitResult:
         """Store a new run at version 1 with its first events; the id must be new.
 
-        The session is linked first, as a hint: its keys live in another Cluster slot than
-        the run's, so one script cannot write both. A session whose run then failed to be
-        stored keeps a run hint that reads drop (after RUN_HINT_GRACE_SECONDS) and may keep
-        that run's message as its name; a run is never stored without its session.
-        `remember` (an Idempotency-Key's outcome) is written by the run's own script. On a
-        single server the session's hints and link are one transaction and the run's index
-        entries go inside its CREATE: two round trips.
+        In a cluster the session is linked first, as a hint: its keys live in another slot
+        than the run's, so one script cannot write both. A session whose run then failed to
+        be stored keeps a run hint that reads drop (after RUN_HINT_GRACE_SECONDS) and may
+        keep that run's message as its name; a run is never stored without its session.
+        On a single server CREATE links the session, writes its listing entries and the
+        run's index entries itself: one round trip, all or nothing.
+        `remember` (an Idempotency-Key's outcome) is written by the run's own script.
         """
-        if session is not None:
+        inline_link = session if session is not None and not self.cluster else None
+        if session is not None and inline_link is None:
             self._link(session, run.run_id)
         if self.cluster:
             self.index.hint_create(run)
-        keys, args = self._create_call(run, events, remember)
+        keys, args = self._create_call(run, events, remember, inline_link)
         out = self._create(keys=keys, args=args)
         if out[0] == -5:
             raise StaleRun(f"run {run.run_id} already exists")
-        return CommitResult(version=1, seqs=[int(s) for s in out[1:]])
+        if out[0] == -6:
+            raise SessionOwnedElsewhere(inline_link.session_id if inline_link else "")
+        seqs = [int(s) for s in out[1:1 + len(events)]]
+        if inline_link is not None:
+            self._linked(inline_link, out[1 + len(events)])
+        return CommitResult(version=1, seqs=seqs)
 
     @_guarded
     def bulk_create(self, runs: list[tuple[StoredRun, list[dict[str, Any]]]]) -> None:
@@ -400,8 +415,10 @@ class RedisRunStore:
             raise StaleRun(f"{len(taken)} runs already exist, e.g. {taken[0]}")
 
     def _create_call(self, run: StoredRun, events: list[dict[str, Any]],
-                     remember: Remember | None) -> tuple[list[str], list[Any]]:
-        """CREATE's keys and arguments for `run` at version 1 with its first events."""
+                     remember: Remember | None, link: SessionLink | None = None
+                     ) -> tuple[list[str], list[Any]]:
+        """CREATE's keys and arguments for `run` at version 1 with its first events (and,
+        on a single server, the session `link` it makes)."""
         envelope = _creation_envelope(run)
         fields = {
             "run_id": run.run_id,
@@ -422,10 +439,16 @@ class RedisRunStore:
         keys = [self.keys.run(rid), self.keys.events(rid),
                 self.keys.idempotency(rid, remember.key if remember else "-"),
                 self.keys.doc(rid), self.keys.bell(rid)]
-        return keys, [
+        args = [
             len(events), dumps(fields), dumps(run.doc), *(_pack(e, envelope) for e in events),
             dumps(remember.value) if remember else "", remember.ttl if remember else 0,
-            "" if self.cluster else self.index.inline_create(run)]
+            "" if self.cluster else self.index.inline_create(run), ""]
+        if link is not None:
+            keys += [self.keys.session(link.session_id), self.keys.session_runs(link.session_id)]
+            args[-1] = dumps({"a": self._link_args(link, rid),
+                              **self._session_hint_keys(link.session_id, link.agent_id,
+                                                        link.user_id)})
+        return keys, args
 
     @_guarded
     def get_run(self, run_id: str) -> StoredRun:
@@ -676,36 +699,34 @@ class RedisRunStore:
     def _link(self, link: SessionLink, run_id: str) -> None:
         """Index hints first, then the session itself (made, or joined by the run)."""
         keys = [self.keys.session(link.session_id), self.keys.session_runs(link.session_id)]
-        args = [link.session_id, link.agent_id, link.user_id or "", link.message,
-                repr(link.now), run_id, "1" if link.exclusive else ""]
-        out = None if self.cluster else self._hinted_link(link, keys, args)
-        if out is None:
-            self._hint_session(link.session_id, link.agent_id, link.user_id, link.now,
-                               link.now)
-            out = self._link_session(keys=keys, args=args)
+        self._hint_session(link.session_id, link.agent_id, link.user_id, link.now, link.now)
+        out = self._link_session(keys=keys, args=self._link_args(link, run_id))
         if out[0] == -6:
             self._restore_updated(link.session_id)
             raise SessionOwnedElsewhere(link.session_id)
+        self._linked(link, out)
+
+    @staticmethod
+    def _link_args(link: SessionLink, run_id: str) -> list[str]:
+        return [link.session_id, link.agent_id, link.user_id or "", link.message,
+                repr(link.now), run_id, "1" if link.exclusive else ""]
+
+    def _linked(self, link: SessionLink, out: list[Any]) -> None:
+        """After a link answered `out`: the listing entries of what the session turned out
+        to be (its own agent and user, its true creation time), when they differ from the
+        hints written with the link."""
         agent_id, user_id = out[1] or None, out[2] or None
         if out[0] == 2:  # the session took the run's agent: its agent indexes are new
             self._index_created(link.session_id, agent_id, user_id, float(out[3]))
         if (agent_id, user_id) != (link.agent_id, link.user_id):
             self._hint_session(link.session_id, agent_id, user_id, None, link.now)
 
-    def _hinted_link(self, link: SessionLink, keys: list[str], args: list[Any]) -> Any:
-        """The hints and the link as one MULTI/EXEC (a single server: one round trip, and
-        a server that refuses a write refuses them all). None if the server did not know
-        the script yet: the caller then sends both as usual (the hints are idempotent)."""
-        pipe = self.redis.pipeline(transaction=True)
-        self._queue_session_hints(pipe, link.session_id, link.agent_id, link.user_id,
-                                  link.now, link.now)
-        pipe.execute_command("EVALSHA", self._link_session.sha, len(keys), *keys, *args)
-        out = pipe.execute(raise_on_error=False)[-1]
-        if isinstance(out, redis.exceptions.NoScriptError):
-            return None
-        if isinstance(out, Exception):
-            raise out
-        return out
+    def _session_hint_keys(self, session_id: str, agent_id: str | None,
+                           user_id: str | None) -> dict[str, list[str]]:
+        """The listings a linked session enters: by creation time (never replacing an
+        entry, `nx`) and by update time (only moving it forward, `gt`)."""
+        return {"nx": self._index_keys(session_id, "created_at", agent_id, user_id),
+                "gt": self._index_keys(session_id, "updated_at", agent_id, user_id)}
 
     def _index_created(self, session_id: str, agent_id: str | None, user_id: str | None,
                        created_at: float) -> None:
