@@ -41,6 +41,7 @@ from statemachine.store import (
     RunQuery,
     StoredRun,
     approval_matches,
+    dumps,
     run_matches,
 )
 
@@ -166,8 +167,8 @@ def pipe_eval(pipe: Any, source: str, keys: list[str], args: list[Any]) -> None:
 
 
 def _identity(run: StoredRun) -> str:
-    return json.dumps({"agent_id": run.agent_id, "session_id": run.session_id,
-                       "user_id": run.user_id}, separators=(",", ":"))
+    return dumps({"agent_id": run.agent_id, "session_id": run.session_id,
+                  "user_id": run.user_id})
 
 
 def _sum(values: Iterable[Any]) -> int:
@@ -218,9 +219,9 @@ class RedisIndex:
         """A new run's index entries as the JSON its CREATE applies (see `inline`); a create
         that finds the run existing writes none, so a duplicate moves nothing."""
         hint = self._run_hint(run, 1, None)
-        return json.dumps({"h": hint.keys[0], "run": run.run_id, "v": 1,
-                           "id": [hint.keys[1], hint.args[2]], "z": hint.entries(),
-                           "s": [], "r": []}, separators=(",", ":"))
+        return dumps({"h": hint.keys[0], "run": run.run_id, "v": 1,
+                      "id": [hint.keys[1], hint.args[2]], "z": hint.entries(), "s": [],
+                      "r": []})
 
     def hint_stored_approval(self, approval: Approval, created_at: float) -> None:
         """The entries of an approval that exists already (a rebuild)."""
@@ -251,10 +252,9 @@ class RedisIndex:
         entries = [*hint.entries(), *([key, score, member, ""] for key, score, member in extra)]
         removals = [[key, member] for keys, member in self._made_stale(commit)
                     for key in keys]
-        return json.dumps({"h": hint.keys[0], "run": commit.run_id,
-                           "v": commit.expected_version + 1, "z": entries,
-                           "s": [list(owner) for owner in owners], "r": removals},
-                          separators=(",", ":"))
+        return dumps({"h": hint.keys[0], "run": commit.run_id,
+                      "v": commit.expected_version + 1, "z": entries,
+                      "s": [list(owner) for owner in owners], "r": removals})
 
     def _commit_hint(self, commit: Commit) -> tuple[_Hint, list[tuple[str, str, str]]]:
         """The HINT of `commit`, and the approval-to-run entries of its new approvals."""

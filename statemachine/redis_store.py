@@ -74,6 +74,7 @@ from statemachine.store import (
     StoredSession,
     dumps,
     lease_lapsed,
+    loads,
     paused_before,
     resolve_outcome,
     session_matches,
@@ -173,7 +174,7 @@ def _run_from_hash(fields: dict[str, str], doc: str | None = None) -> StoredRun:
         version=int(fields["version"]),
         created_at=float(fields["created_at"]),
         updated_at=float(fields["updated_at"]),
-        doc=json.loads(doc or fields.get("doc") or "{}"),
+        doc=loads(doc or fields.get("doc") or "{}"),
         admin_pending=pending > 0,
         pending_approvals=pending,
         last_seq=int(fields.get("last_seq") or 0),
@@ -215,8 +216,8 @@ def _pack(event: dict[str, Any], envelope: Envelope | None) -> str:
 
 def _unpack(raw: str, envelope: Envelope) -> dict[str, Any]:
     if raw.startswith(_STRIPPED):
-        return envelope.dress(json.loads(raw[1:]))
-    return json.loads(raw)
+        return envelope.dress(loads(raw[1:]))
+    return loads(raw)
 
 
 def _envelope(fields: dict[str, str | None]) -> Envelope:

@@ -51,6 +51,7 @@ from statemachine.store import (
     StoredSession,
     dumps,
     lease_lapsed,
+    loads,
     paused_before,
     resolve_outcome,
 )
@@ -210,7 +211,7 @@ def _run_from_row(row: sqlite3.Row) -> StoredRun:
         version=row["version"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
-        doc=json.loads(row["doc"]),
+        doc=loads(row["doc"]),
         admin_pending=row["pending_approvals"] > 0,
         pending_approvals=row["pending_approvals"],
         last_seq=row["last_seq"],
@@ -236,7 +237,7 @@ def _events_after(db: sqlite3.Connection, run_id: str, after: int,
         "SELECT seq, data FROM events WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
         (run_id, after, limit),
     ).fetchall()
-    return [StoredEvent(seq=row["seq"], data=json.loads(row["data"])) for row in rows]
+    return [StoredEvent(seq=row["seq"], data=loads(row["data"])) for row in rows]
 
 
 def _approval_from_row(row: sqlite3.Row) -> Approval:

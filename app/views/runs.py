@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from flask import Blueprint, Response, g, jsonify, request, url_for
+from marshmallow import ValidationError
 
 from app.auth import identity, requires
 from app.context import agentos
@@ -168,14 +169,15 @@ def parse_tools(raw: str) -> list[dict[str, Any]]:
 def _tool_input(index: int, item: Any) -> dict[str, Any]:
     if not isinstance(item, dict):
         raise _bad_tools(f"tools[{index}] must be an object")
-    errors = TOOL_INPUT.validate(item)
-    if errors:
-        field, messages = next(iter(sorted(errors.items())))
-        raise _bad_tools(f"tools[{index}].{field}: {_first_message(messages)}")
+    try:
+        loaded = TOOL_INPUT.load(item)
+    except ValidationError as exc:
+        field, messages = next(iter(sorted(exc.messages.items())))
+        raise _bad_tools(f"tools[{index}].{field}: {_first_message(messages)}") from None
     where = lone_surrogate_at(item, f"tools[{index}]")
     if where is not None:
         raise _bad_tools(f"{where} holds a lone surrogate, which is not text")
-    return TOOL_INPUT.load(item)
+    return loaded
 
 
 def _first_message(messages: Any) -> str:
