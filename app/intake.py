@@ -11,17 +11,22 @@ reaches Flask:
   that is sent reaches no one) and the connection is closed;
 - larger than MAX_CONTENT_LENGTH (declared): left to Flask, which answers 413 unread.
 
-The bound is kept by a timer that shuts the socket's reading side, so a client that trickles
-one byte at a time is cut as surely as a silent one; the worker serves other requests
-meanwhile (a greenlet waits under gevent, one thread under gthread). Headers are bounded by
-gunicorn itself (see the README's deployment section).
+The bound is kept by a watchdog that shuts the socket's reading side once it is due, so a
+client that trickles one byte at a time is cut as surely as a silent one; the worker serves
+other requests meanwhile (a greenlet waits under gevent, one thread under gthread). One
+watchdog thread per process keeps every request's bound (a heap of due times, checked at
+least every `_WATCH_SLICE` seconds), so a request costs a heap entry, not a timer thread.
+Headers are bounded by gunicorn itself (see the README's deployment section).
 """
 
 from __future__ import annotations
 
+import heapq
 import io
+import itertools
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -31,6 +36,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 _CHUNK = 64 * 1024
+_WATCH_SLICE = 0.05  # how late, at most, the watchdog shuts a socket past its bound
 
 
 class _Late(Exception):
@@ -54,6 +60,64 @@ def _shut_reading(sock: Any) -> None:
         sock.shutdown(socket.SHUT_RD)
     except OSError:
         pass
+
+
+class _Watchdog:
+    """Shuts the reading side of each watched socket at its due time unless released first.
+
+    Entries are released lazily (their socket slot emptied): with one bound for every
+    request they come due in the order they were made, so the heap holds at most the
+    requests of one bound's span and the thread wakes a bounded number of times a second.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._heap: list[tuple[float, int, list[Any]]] = []
+        self._count = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def watch(self, sock: Any, seconds: float) -> list[Any]:
+        entry = [sock]
+        with self._changed:
+            self._start()
+            heapq.heappush(self._heap, (time.monotonic() + seconds, next(self._count), entry))
+            if self._heap[0][2] is entry:
+                self._changed.notify()
+        return entry
+
+    @staticmethod
+    def release(entry: list[Any]) -> None:
+        entry[0] = None
+
+    def _start(self) -> None:
+        if self._pid != os.getpid():  # first use, or a forked child: the thread is not here
+            self._pid, self._heap = os.getpid(), []
+            self._thread = threading.Thread(target=self._loop, daemon=True, name="intake")
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            for sock in self._due():
+                _shut_reading(sock)
+
+    def _due(self) -> list[Any]:
+        """Wait for the next due entry; the sockets of the due entries not released."""
+        with self._changed:
+            while True:
+                now = time.monotonic()
+                due = []
+                while self._heap and self._heap[0][0] <= now:
+                    sock = heapq.heappop(self._heap)[2][0]
+                    if sock is not None:
+                        due.append(sock)
+                if due:
+                    return due
+                wait = self._heap[0][0] - now if self._heap else None
+                self._changed.wait(None if wait is None else max(wait, _WATCH_SLICE))
+
+
+_WATCHDOG = _Watchdog()
 
 
 class BodyIntake:
@@ -90,10 +154,7 @@ class BodyIntake:
         sock = environ.get("gunicorn.socket")
         limit = length if length is not None else self.max_length + 1
         started = time.monotonic()
-        timer = threading.Timer(self.timeout, _shut_reading, args=(sock,)) if sock else None
-        if timer is not None:
-            timer.daemon = True
-            timer.start()
+        watched = _WATCHDOG.watch(sock, self.timeout) if sock else None
         try:
             body = self._drain(stream, limit, sock)
             if length is not None and len(body) < length:
@@ -103,8 +164,8 @@ class BodyIntake:
                 raise _Late() from None
             raise
         finally:
-            if timer is not None:
-                timer.cancel()
+            if watched is not None:
+                _WATCHDOG.release(watched)
         return body
 
     @staticmethod

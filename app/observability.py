@@ -23,7 +23,6 @@ import re
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -102,7 +101,21 @@ class _RequestContext(logging.Filter):
         return True
 
 
-class JsonFormatter(logging.Formatter):
+class _SecondsCached(logging.Formatter):
+    """`formatTime` that formats each second once (every request writes a few lines)."""
+
+    _cached: tuple[int, str | None, str] = (-1, None, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        cached_second, cached_format, text = self._cached
+        if second != cached_second or datefmt != cached_format:
+            text = time.strftime(datefmt or "%Y-%m-%d %H:%M:%S", self.converter(second))
+            self._cached = (second, datefmt, text)
+        return text if datefmt else f"{text},{int(record.msecs):03d}"
+
+
+class JsonFormatter(_SecondsCached):
     """One JSON object per line: time, level, logger, message, and the record's fields."""
 
     FIELDS = ("request_id", "method", "route", "path", "status", "duration_ms", "agent_id",
@@ -124,7 +137,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, separators=(",", ":"), default=str)
 
 
-class TextFormatter(logging.Formatter):
+class TextFormatter(_SecondsCached):
     """`time level logger message key=value ...`, the same fields as the JSON lines."""
 
     def format(self, record: logging.LogRecord) -> str:
@@ -155,7 +168,7 @@ def setup_logging(log_format: str) -> None:
 
 def _request_id() -> str:
     given = request.headers.get(REQUEST_ID_HEADER, "")
-    return given if _SANE_ID.fullmatch(given) else uuid.uuid4().hex
+    return given if _SANE_ID.fullmatch(given) else os.urandom(16).hex()
 
 
 def _route() -> str:

@@ -20,9 +20,9 @@ to the run's channel (see `handoff`) for the followers in this process.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -95,7 +95,7 @@ def commit_retrying(store: RunStore, commit: Commit, within: float,
     `uncertain` says an earlier call already tried this very commit without an answer.
     """
     if commit.token is None:
-        commit.token = uuid.uuid4().hex
+        commit.token = os.urandom(16).hex()  # an opaque nonce, not a record id
     deadline, delay = time.monotonic() + within, _RETRY_FIRST
     while True:
         try:
