@@ -235,8 +235,10 @@ class ObservedStore:
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._store, name)
         if not callable(value):
-            return value
-        return self._observed(name, value)
+            return value  # read through each time: a flag such as `outbox` may change
+        observed = self._observed(name, value)
+        setattr(self, name, observed)  # found here from now on, without this lookup
+        return observed
 
     def _observed(self, name: str, method: Callable) -> Callable:
         def call(*args: Any, **kwargs: Any) -> Any:

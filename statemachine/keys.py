@@ -14,11 +14,14 @@ Values that reach an index key name (agent, user and session ids, states) are es
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import zlib
 from dataclasses import dataclass
 
 SHARDS = 16
+_NAMES_CACHED = 4096
+"""Index key names are made once per (shard, agent, state): every commit names several."""
 APPROVAL_FIELDS = ("status", "agent", "user", "session")
 
 
@@ -86,24 +89,26 @@ class Keys:
 
         The client's key is hashed into the name: no client text reaches a key unescaped.
         """
-        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
-        return f"{self.prefix}:run:{{{run_id}}}:idem:{digest}"
+        return f"{self.prefix}:run:{{{run_id}}}:idem:{_digest(key)}"
 
     # -- index shards ---------------------------------------------------------------------
 
     def _shard(self, shard: int) -> str:
         return f"{self.prefix}:{{idx-{shard}}}"
 
+    @functools.lru_cache(maxsize=_NAMES_CACHED)  # noqa: B019 - Keys live as long as the process
     def run_identity(self, shard: int) -> str:
         """Hash: run_id -> JSON {agent_id, session_id, user_id}: what purge needs to find
         every index entry of a run after its own hash has expired."""
         return f"{self._shard(shard)}:run-identity"
 
+    @functools.lru_cache(maxsize=_NAMES_CACHED)  # noqa: B019 - Keys live as long as the process
     def run_hinted(self, shard: int) -> str:
         """Hash: run_id -> the run version the latest hint was written for. A stale entry is
         removed only by a reader that saw the run at that version or later."""
         return f"{self._shard(shard)}:run-hinted"
 
+    @functools.lru_cache(maxsize=_NAMES_CACHED)  # noqa: B019 - Keys live as long as the process
     def agent_runs(self, shard: int, agent_id: str) -> str:
         """Sorted set: run_id scored by creation time, the agent's runs (listing)."""
         return f"{self._shard(shard)}:agent:{part(agent_id)}"
@@ -116,22 +121,27 @@ class Keys:
         """Sorted set: run_id by creation time, the agent's runs of one session."""
         return f"{self._shard(shard)}:agent-session:{part(agent_id)}:{part(session_id)}"
 
+    @functools.lru_cache(maxsize=_NAMES_CACHED)  # noqa: B019 - Keys live as long as the process
     def agent_state_runs(self, shard: int, agent_id: str, state: str) -> str:
         """Sorted set: run_id by creation time, the agent's runs hinted in one state."""
         return f"{self._shard(shard)}:agent-state:{part(agent_id)}:{part(state)}"
 
+    @functools.lru_cache(maxsize=_NAMES_CACHED)  # noqa: B019 - Keys live as long as the process
     def executing(self, shard: int) -> str:
         """Sorted set: run_id scored by lease expiry, for the lapsed-lease sweep."""
         return f"{self._shard(shard)}:executing"
 
+    @functools.lru_cache(maxsize=_NAMES_CACHED)  # noqa: B019 - Keys live as long as the process
     def paused(self, shard: int) -> str:
         """Sorted set: run_id scored by pause time, for the pause-expiry sweep."""
         return f"{self._shard(shard)}:paused"
 
+    @functools.lru_cache(maxsize=_NAMES_CACHED)  # noqa: B019 - Keys live as long as the process
     def finished(self, shard: int) -> str:
         """Sorted set: run_id scored by finish time, for retention of the indexes."""
         return f"{self._shard(shard)}:finished"
 
+    @functools.lru_cache(maxsize=_NAMES_CACHED)  # noqa: B019 - Keys live as long as the process
     def approvals(self, shard: int) -> str:
         """Sorted set: `approval_member` scored by creation time (newest-first listing)."""
         return f"{self._shard(shard)}:approvals"
@@ -182,6 +192,12 @@ class Keys:
         written before the commit; verified by the claim). Tagged `{outbox:N}`: one slot per
         shard in a Redis Cluster."""
         return f"{self.prefix}:{{outbox:{shard}}}"
+
+
+@functools.lru_cache(maxsize=_NAMES_CACHED)
+def _digest(key: str) -> str:
+    """The name part of an Idempotency-Key (most calls pass "-": no key)."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def approval_member(approval_id: str, run_id: str) -> str:

@@ -40,13 +40,19 @@ class Flusher:
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
         self._pid = 0
+        self._wakes_at = float("inf")  # when the thread's wait ends on its own
 
     def watch(self, session: Flushable, due_at: float) -> None:
-        """Call `session.flush_due()` at `due_at` (monotonic), unless it is due sooner."""
+        """Call `session.flush_due()` at `due_at` (monotonic), unless it is due sooner.
+
+        The thread is woken only when `due_at` comes before its own next wake-up: with one
+        window for every batch that is rare (a fast turn ends before its window does, and
+        its batch goes with the turn's commit), so a turn costs no thread switch."""
         with self._changed:
             if due_at < self._due.get(session, float("inf")):
                 self._due[session] = due_at
-                self._changed.notify()
+                if due_at < self._wakes_at:
+                    self._changed.notify()
             self._ensure_thread()
 
     def forget(self, session: Flushable) -> None:
@@ -71,14 +77,21 @@ class Flusher:
         with self._changed:
             while True:
                 if not self._due:
-                    self._changed.wait()
+                    self._wait_until(float("inf"))
                     continue
                 session, due_at = min(self._due.items(), key=lambda item: item[1])
-                wait = due_at - time.monotonic()
-                if wait <= 0:
+                if due_at <= time.monotonic():
                     del self._due[session]
                     return session
-                self._changed.wait(wait)
+                self._wait_until(due_at)
+
+    def _wait_until(self, wakes_at: float) -> None:
+        self._wakes_at = wakes_at
+        try:
+            self._changed.wait(None if wakes_at == float("inf") else
+                               max(0.0, wakes_at - time.monotonic()))
+        finally:
+            self._wakes_at = float("-inf")  # awake: `watch` need not notify
 
 
 FLUSHER = Flusher()

@@ -65,6 +65,7 @@ class RunExecutor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
+        self._alive_until = 0.0  # the thread was seen alive less than a second before this
         self.draining = False
 
     def reserve(self) -> None:
@@ -113,8 +114,13 @@ class RunExecutor:
             return sorted(self._active)
 
     def ensure_background(self) -> None:
-        """Start the renewal/sweep thread in this process (again after a fork)."""
+        """Start the renewal/sweep thread in this process (again after a fork, or within a
+        second of its end); every request calls this, so a living thread costs a clock read."""
+        now = time.monotonic()
+        if self._pid == os.getpid() and now < self._alive_until:
+            return
         if self._thread is not None and self._thread.is_alive() and self._pid == os.getpid():
+            self._alive_until = now + 1.0
             return
         with self._lock:
             if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
