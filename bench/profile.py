@@ -2,9 +2,11 @@
 
 Starts a private redis-server and our server (gunicorn, 2 workers, as `make bench` does),
 drives it with wrk (bench/create_continue.lua) and meanwhile records one worker with py-spy
-in its raw (collapsed) format, then prints the top functions by self time (the sampled
-frame itself) and by total time (the frame anywhere on the stack), as shares of the samples
-that were working (idle threadpool threads and the event loop's wait are counted apart).
+in its raw (collapsed) format, then prints the CPU time per request of the workers and of
+Redis over wrk's run (from /proc), and the top functions by self time (the sampled frame
+itself), by package, and by total time (the frame anywhere on the stack), as shares of the
+samples that were working (idle threadpool threads and the event loop's wait are counted
+apart).
 
     python -m bench.profile [--seconds 20] [--connections 16] [--top 15] [--store redis]
                             [--keep /tmp/profile.txt]
@@ -16,6 +18,7 @@ kernel.yama.ptrace_scope=0).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -83,6 +86,14 @@ def parse_collapsed(text: str) -> tuple[Counter[str], Counter[str], int, int]:
     return own, total, samples, idle
 
 
+def package(frame: str) -> str:
+    """The package (or this project's file) a `file.py:function` name belongs to."""
+    path = frame.rsplit(":", 1)[0]
+    if path.startswith(("app/", "statemachine/")):
+        return path
+    return path.split("/", 1)[0] if "/" in path else f"stdlib {path}"
+
+
 def table(title: str, counts: Counter[str], samples: int, top: int) -> str:
     lines = [f"{title} ({samples} samples)", f"{'share':>7}  function"]
     for name, count in counts.most_common(top):
@@ -98,8 +109,21 @@ def tables(text: str, top: int) -> str:
         f"{idle} idle samples ({100 * idle / max(1, idle + samples):.1f}%: waiting threadpool "
         "threads, the event loop's wait) left out; shares are of the working samples",
         table("by self time", own, samples, top),
+        table("by package or file, self time", Counter(
+            {key: sum(n for name, n in own.items() if package(name) == key)
+             for key in {package(name) for name in own}}), samples, top),
         table("by total time", everyone, samples, top),
         table("by total time, this project's functions only", mine, samples, top)])
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU time of these processes so far (from /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / tick
 
 
 def record(pid: int, seconds: float, out: str, rate: int, gil: bool) -> None:
@@ -141,6 +165,9 @@ def main() -> None:
             env = {"AGENTOS_DB": f"{folder}/profile.db"}
         ours = stack.enter_context(serving(env))
         worker = ours.worker_pids()[0]
+        processes = {"workers": ours.worker_pids(),
+                     "redis-server": [server.process.pid] if args.store == "redis" else []}
+        before = {name: cpu_seconds(pids) for name, pids in processes.items()}
         loop: dict = {}
         driver = threading.Thread(target=lambda: loop.update(loadgen.run_wrk(
             ours.url, "create_continue.lua", args.connections, args.seconds)))
@@ -149,8 +176,12 @@ def main() -> None:
         out = args.keep or stack.enter_context(tempfile.TemporaryDirectory()) + "/raw.txt"
         record(worker, args.seconds - 2 * WARMUP_SECONDS, out, args.rate, args.gil)
         driver.join()
+        used = {name: cpu_seconds(pids) - before[name] for name, pids in processes.items()}
         text = Path(out).read_text()
     print(f"wrk: {loop}")
+    print("CPU per request over wrk's run (py-spy's sampling of one worker included): " + ", ".join(
+        f"{name} {1e6 * seconds / max(1, loop['requests']):.0f} us"
+        for name, seconds in used.items() if processes[name]))
     print(f"worker {worker}, {args.store}, {args.connections} connections")
     print(tables(text, args.top))
 

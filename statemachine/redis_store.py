@@ -9,11 +9,12 @@ a delta costs its own bytes.
 
 Scripts are sent with EVALSHA and reloaded on NOSCRIPT (on a single server through
 `redis_scripts`, which skips redis-py's per-command layers; in a cluster through redis-py's
-`Script`). On a single server a commit's index writes go inside its script. In a cluster, index keys
-(listing, sweeps) are written before the run's own atomic commit and checked against the run
-when read, so a crash between the two leaves a harmless hint, never a wrong answer (see
-`redis_index`); there the client is redis-py's `RedisCluster`: every script touches the keys
-of one slot, and pipelines hold only commands it can route one by one.
+`Script`). On a single server a commit's index writes go inside its script, and a create's
+session link inside its CREATE. In a cluster, index keys (listing, sweeps) are written
+before the run's own atomic commit and checked against the run when read, so a crash between
+the two leaves a harmless hint, never a wrong answer (see `redis_index`); there the client is
+redis-py's `RedisCluster`: every script touches the keys of one slot, and pipelines hold only
+commands it can route one by one.
 """
 
 from __future__ import annotations
