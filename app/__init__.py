@@ -74,10 +74,11 @@ class _StrictJSON(DefaultJSONProvider):
     def dumps(self, obj: Any, **kwargs: Any) -> str:
         if kwargs == {"separators": self._COMPACT} and not self.sort_keys:
             try:
-                raw = orjson.dumps(obj, default=self.default, option=self._OPTIONS)
-            except TypeError:
-                raw = b"\x80"  # not ASCII: take the general path
-            if raw.isascii():
+                raw: bytes | None = orjson.dumps(obj, default=self.default,
+                                                 option=self._OPTIONS)
+            except TypeError:  # what orjson refuses: Flask's encoder below
+                raw = None
+            if raw is not None and raw.isascii():
                 return raw.decode()
         return super().dumps(obj, **kwargs)
 

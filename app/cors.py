@@ -40,7 +40,7 @@ def enable_cors(app: Flask, setting: Any) -> None:
 
 def _only_with_origin(app: Flask) -> None:
     """flask-cors's answer hook (the one `CORS` just added) runs only for a request with an
-    `Origin`; its preflight answer is not a hook and stays as it is."""
+    `Origin`, which every browser preflight and cross-origin request carries."""
     hooks = app.after_request_funcs.setdefault(None, [])
     cors_hook = hooks.pop()
     if cors_hook.__name__ != "cors_after_request":  # a flask-cors that hooks in otherwise

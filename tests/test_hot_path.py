@@ -150,6 +150,27 @@ def test_a_continue_that_completes_costs_three_round_trips(redis_only, monkeypat
         app.extensions["agentos"].executor.shutdown(wait=True)
 
 
+def test_a_create_that_pauses_costs_two_round_trips_its_session_linked_inside(redis_only,
+                                                                              monkeypatch):
+    app = app_with(redis_only)
+    client = app.test_client()
+    sent: list[int] = []
+    try:
+        client.post("/agents/confirm-agent/runs", data={"message": "warm", "stream": "false"})
+        monkeypatch.setattr(redis_store, "on_round_trip", lambda: sent.append(1))
+        run = client.post("/agents/confirm-agent/runs",
+                          data={"message": "hi", "stream": "false"}).json
+        monkeypatch.setattr(redis_store, "on_round_trip", lambda: None)
+        assert run["status"] == "PAUSED"
+        assert len(sent) == 2  # the CREATE (which links the new session) and the pause
+        session = redis_only.get_session(run["session_id"])
+        assert (session.agent_id, session.first_message) == ("confirm-agent", "hi")
+        assert redis_only.redis.zscore(redis_only.keys.session_runs(run["session_id"]),
+                                       run["run_id"]) is not None
+    finally:
+        app.extensions["agentos"].executor.shutdown(wait=True)
+
+
 def test_events_are_read_back_as_committed_with_or_without_their_envelope(redis_only):
     app = app_with(redis_only)
     try:
