@@ -99,7 +99,9 @@ class RunExecutor:
 
     def _changed(self) -> None:
         if self.on_change is not None:
-            self.on_change(len(self.active()))
+            with self._lock:
+                executing = len(self._active)
+            self.on_change(executing)
 
     def _done(self, run_id: str) -> None:
         with self._lock:
