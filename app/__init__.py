@@ -60,9 +60,11 @@ class _TrailingSlashTolerant:
 class _StrictJSON(DefaultJSONProvider):
     """Request bodies are standard JSON: NaN and Infinity make a body that is not JSON.
 
-    Answers are encoded by orjson when the text is the same as Flask's own (compact, and all
-    ASCII, which Flask's escaping of other characters would change); otherwise, and for what
-    orjson refuses, by Flask's encoder. Every run object answered goes through here.
+    Compact answers are encoded by orjson when its text is all ASCII (Flask escapes every
+    other character, and so does this then); otherwise, and for what orjson refuses, by
+    Flask's encoder. The JSON is the same; only small floats are spelled otherwise (orjson
+    writes 0.00005 and 1e-7 where Flask writes 5e-05 and 1e-07). Every run object answered
+    goes through here.
     """
 
     _COMPACT = (",", ":")

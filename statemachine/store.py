@@ -452,9 +452,9 @@ _LONG_DIGITS = re.compile(r"\d{19}")
 
 
 def dumps(value: Any) -> str:
-    """Compact JSON, the one encoding every store writes (orjson's, several times faster
-    than the standard library's; the same text for what orjson refuses: integers beyond 64
-    bits, keys that are not strings)."""
+    """Compact JSON, the one encoding every store writes: orjson's, several times faster
+    than the standard library's, which writes what orjson refuses (integers beyond 64 bits,
+    keys that are not strings)."""
     try:
         return orjson.dumps(value).decode()
     except TypeError:
