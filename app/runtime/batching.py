@@ -39,7 +39,7 @@ class Flusher:
         self._due: dict[Flushable, float] = {}
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._pid = 0
+        self._running_in = 0  # the pid whose thread is in its loop (0: none)
         self._wakes_at = float("inf")  # when the thread's wait ends on its own
 
     def watch(self, session: Flushable, due_at: float) -> None:
@@ -60,18 +60,27 @@ class Flusher:
             self._due.pop(session, None)
 
     def _ensure_thread(self) -> None:
-        if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
-            self._pid = os.getpid()
+        """Start the thread unless this process's is in its loop (called with `_changed`).
+
+        A flag, not `Thread.is_alive()`: under gevent that call yields to the hub, and every
+        emitted event comes here, so each delta cost a switch of greenlets and, under load,
+        a turn outlived its batch window and paid for a commit more."""
+        if self._running_in != os.getpid():
+            self._running_in = os.getpid()
             self._thread = threading.Thread(target=self._loop, daemon=True, name="batch-flush")
             self._thread.start()
 
     def _loop(self) -> None:
-        while True:
-            session = self._next_due()
-            try:
-                session.flush_due()
-            except Exception:  # the session records what its own thread must raise
-                log.exception("background flush failed")
+        try:
+            while True:
+                session = self._next_due()
+                try:
+                    session.flush_due()
+                except Exception:  # the session records what its own thread must raise
+                    log.exception("background flush failed")
+        finally:
+            with self._changed:
+                self._running_in = 0  # the next watch starts another
 
     def _next_due(self) -> Flushable:
         with self._changed:
