@@ -152,7 +152,7 @@ def test_a_finishing_execution_keeps_a_newer_one_of_the_same_run_active(store):
         executor.submit("r1", lambda: second_may_end.wait(10))
         first_may_end.set()
         # the first execution's `finally` has run once its slot is back (2 of 4 taken -> 1)
-        wait_until(lambda: executor._slots._value == 3, timeout=5, what="the first to end")
+        wait_until(lambda: executor.free_slots == 3, timeout=5, what="the first to end")
         assert executor.active() == ["r1"]
         second_may_end.set()
         wait_until(lambda: executor.active() == [], timeout=5, what="both executions to end")

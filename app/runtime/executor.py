@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from statemachine.blocking import gevent_active
 from statemachine.errors import StoreUnavailable
 from statemachine.store import RunStore
 
@@ -29,6 +30,38 @@ class ExecutorBusy(Exception):
 
 class ShuttingDown(ExecutorBusy):
     """This process is stopping and takes no new runs (HTTP 503, retry: another worker will)."""
+
+
+class _Greenlets:
+    """Run loops as plain greenlets (under gevent), with a pool's `submit` and `shutdown`.
+
+    The slots already bound how many execute. A pool of gevent-patched threads would add a
+    future, a queue hand-off and a semaphore per run, and gevent's locks yield to the hub
+    where the standard library's `Condition.notify` tests its own lock without blocking:
+    each run paid for two switches of greenlets, and another run's yield in between."""
+
+    def __init__(self) -> None:
+        from gevent.pool import Group
+
+        self._group = Group()
+        self._closed = False
+
+    def submit(self, function: Callable[..., None], *args: object) -> None:
+        if self._closed:
+            raise RuntimeError("cannot run new loops after shutdown")
+        self._group.spawn(function, *args)
+
+    def shutdown(self, wait: bool = True) -> None:
+        self._closed = True
+        if wait:
+            self._group.join()
+
+
+def _run_pool(max_runs: int) -> ThreadPoolExecutor | _Greenlets:
+    """Where run loops execute: greenlets under gevent, else a pool of OS threads."""
+    if gevent_active():
+        return _Greenlets()
+    return ThreadPoolExecutor(max_workers=max_runs, thread_name_prefix="run")
 
 
 def new_owner_id() -> str:
@@ -56,8 +89,9 @@ class RunExecutor:
         self.sweep: Callable[[], None] | None = None
         self.on_change: Callable[[int], None] | None = None  # told the runs executing here
         self._sweep_interval = sweep_interval
-        self._slots = threading.BoundedSemaphore(max_runs)
-        self._pool = ThreadPoolExecutor(max_workers=max_runs, thread_name_prefix="run")
+        self._max_runs = max_runs
+        self._free_slots = max_runs  # counted under `_lock`: a semaphore's release yields
+        self._pool = _run_pool(max_runs)
         # run_id -> executions of it in this process: a finishing execution only takes its
         # own count away, so it never drops the lease renewal of a newer one of the same run.
         self._active: dict[str, int] = {}
@@ -72,12 +106,23 @@ class RunExecutor:
         """Take an execution slot before committing a run to execute here."""
         if self.draining:
             raise ShuttingDown()
-        if not self._slots.acquire(blocking=False):
-            raise ExecutorBusy()
+        with self._lock:
+            if self._free_slots == 0:
+                raise ExecutorBusy()
+            self._free_slots -= 1
 
     def release(self) -> None:
         """Give back a slot reserved for a commit that did not happen."""
-        self._slots.release()
+        with self._lock:
+            if self._free_slots == self._max_runs:
+                raise ValueError("an execution slot was released more often than reserved")
+            self._free_slots += 1
+
+    @property
+    def free_slots(self) -> int:
+        """Slots neither reserved nor executing."""
+        with self._lock:
+            return self._free_slots
 
     def submit(self, run_id: str, work: Callable[[], None]) -> None:
         """Run `work` for `run_id` in a reserved slot, renewing its lease meanwhile."""
@@ -94,7 +139,7 @@ class RunExecutor:
             log.exception("run %s: execution ended with an unexpected error", run_id)
         finally:
             self._done(run_id)
-            self._slots.release()
+            self.release()
             self._changed()
 
     def _changed(self) -> None:
