@@ -16,6 +16,8 @@ import signal
 import threading
 from typing import Any
 
+from statemachine.blocking import gevent_active
+
 log = logging.getLogger(__name__)
 
 # Of the graceful timeout, the part kept for ending abandoned runs and for their streams to
@@ -43,12 +45,26 @@ def install(worker: Any) -> None:
         original(sig, frame)
         if not started.is_set():
             started.set()
-            threading.Thread(target=_stop, args=(worker,), name="worker-stop",
-                             daemon=True).start()
+            _in_background(_stop, worker)
 
     worker.handle_exit = handle_exit
     signal.signal(signal.SIGTERM, handle_exit)
     signal.siginterrupt(signal.SIGTERM, False)  # as gunicorn set it: requests go on undisturbed
+
+
+def _in_background(function: Any, *args: Any) -> None:
+    """Start `function(*args)` without waiting, as a signal handler must.
+
+    Under gevent the handler may run in the event loop itself, where `Thread.start()` (which
+    waits for the thread to begin) raises BlockingSwitchOutError; that error then ended the
+    worker at once, and only the executor's non-daemon threads kept it serving its last
+    requests. A greenlet is spawned without waiting."""
+    if gevent_active():
+        import gevent
+
+        gevent.spawn(function, *args)
+    else:
+        threading.Thread(target=function, args=args, name="worker-stop", daemon=True).start()
 
 
 def _stop(worker: Any) -> None:
