@@ -5,6 +5,7 @@ Pure functions over dicts, so the loop, the service and the views agree on every
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from datetime import UTC, datetime
@@ -95,10 +96,16 @@ def requirements(run_id: str, tools: list[dict[str, Any]]) -> list[dict[str, Any
     return [_requirement(run_id, obj) for obj in waiting_calls(tools)]
 
 
+@functools.lru_cache(maxsize=4096)
+def requirement_id(run_id: str, tool_call_id: str) -> str:
+    """The name-based uuid of (run, call); a pause and the answer that shows it ask twice."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"agentos:{run_id}:{tool_call_id}"))
+
+
 def _requirement(run_id: str, obj: dict[str, Any]) -> dict[str, Any]:
     created = datetime.fromtimestamp(int(obj.get("created_at") or 0), UTC).isoformat()
     requirement: dict[str, Any] = {
-        "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"agentos:{run_id}:{obj['tool_call_id']}")),
+        "id": requirement_id(run_id, obj["tool_call_id"]),
         "created_at": created,
         "tool_execution": {k: v for k, v in obj.items() if not k.startswith("_")},
     }
