@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -204,11 +205,18 @@ def _finish(response: Response) -> Response:
     return response
 
 
+@functools.lru_cache(maxsize=1024)
+def _child(metric: Any, *labels: str) -> Any:
+    """`metric.labels(*labels)`, looked up once: the labels of the hot path are few (routes,
+    statuses, triggers), and prometheus_client takes a lock for every lookup."""
+    return metric.labels(*labels)
+
+
 def _record(fields: dict[str, Any], started: float) -> None:
     seconds = time.perf_counter() - started
     fields["duration_ms"] = round(seconds * 1000, 2)
-    REQUESTS.labels(fields["method"], fields["route"], str(fields["status"])).inc()
-    LATENCY.labels(fields["method"], fields["route"]).observe(seconds)
+    _child(REQUESTS, fields["method"], fields["route"], str(fields["status"])).inc()
+    _child(LATENCY, fields["method"], fields["route"]).observe(seconds)
     request_log.info("%s %s %s %.2fms", fields["method"], fields["path"], fields["status"],
                      fields["duration_ms"], extra=fields)
 
@@ -272,7 +280,7 @@ class ObservedStore:
 
     def create_run(self, *args: Any, **kwargs: Any) -> Any:
         result = self._observed("create_run", self._store.create_run)(*args, **kwargs)
-        TRANSITIONS.labels("start").inc()
+        _child(TRANSITIONS, "start").inc()
         return result
 
     def commit(self, commit: Any, *args: Any, **kwargs: Any) -> Any:
@@ -284,7 +292,7 @@ class ObservedStore:
     def resolve_approval(self, approval: Any, *args: Any, **kwargs: Any) -> Any:
         result = self._observed("resolve_approval", self._store.resolve_approval)(
             approval, *args, **kwargs)
-        TRANSITIONS.labels("resolve_approval").inc()
+        _child(TRANSITIONS, "resolve_approval").inc()
         log.info("approval %s", approval.status,
                  extra={"run_id": approval.run_id, "agent_id": approval.doc.get("agent_id"),
                         "state": approval.status, "event": "ApprovalResolved"})
@@ -296,7 +304,7 @@ def _lifecycle(commit: Any, event: dict[str, Any]) -> None:
     trigger = _TRIGGERS.get(name)
     if trigger is None:
         return
-    TRANSITIONS.labels(trigger).inc()
+    _child(TRANSITIONS, trigger).inc()
     reason = event.get("reason") or event.get("error_type")
     what = "run " + commit.state.value.lower()
     if event.get("error_type") == "WorkerLost":
