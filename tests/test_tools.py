@@ -171,3 +171,33 @@ def test_load_agents_reports_a_missing_module_or_attribute():
         load_agents("examples.no_such_module:agents")
     with pytest.raises(AttributeError):
         load_agents("examples.my_agents:no_such_list")
+
+
+def test_a_resolution_leaves_the_stored_calls_as_they_were():
+    import copy
+
+    from app.runtime.documents import tool_object
+    from app.runtime.resolution import ToolInputError, resolve_pause
+
+    @tool(requires_user_input=True)
+    def book(city: str, nights: int) -> str:
+        return f"{city} {nights}"
+
+    @tool(requires_confirmation=True)
+    def send(to: str) -> str:
+        return to
+
+    stored = [tool_object("c1", "book", {"city": "Oslo"}, book),
+              tool_object("c2", "send", {"to": "a@example.com"}, send)]
+    before = copy.deepcopy(stored)
+    fields = [{"name": "city", "value": "Oslo"}, {"name": "nights", "value": "3"}]
+    tools, actions = resolve_pause(stored, [
+        {"tool_call_id": "c1", "user_input_schema": fields},
+        {"tool_call_id": "c2", "confirmed": True}], {})
+    assert actions == [["c1", "execute"], ["c2", "execute"]]
+    assert tools[0]["tool_args"] == {"city": "Oslo", "nights": 3}
+    assert tools[1]["confirmed"] is True
+    assert stored == before
+    with pytest.raises(ToolInputError):  # c2 undecided: refused, and still nothing changed
+        resolve_pause(stored, [{"tool_call_id": "c1", "user_input_schema": fields}], {})
+    assert stored == before

@@ -9,7 +9,6 @@ on an approval replaces whatever the client sent for that call.
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any
 
@@ -33,8 +32,9 @@ def resolve_pause(
     client: list[dict[str, Any]],
     approvals: dict[str, Approval],
 ) -> tuple[list[dict[str, Any]], list[list[str]]]:
-    """Return the updated tool objects and the actions to apply, in call order."""
-    tools = copy.deepcopy(stored)
+    """Return the updated tool objects and the actions to apply, in call order; `stored`
+    is left as it was (a refused continue changes nothing)."""
+    tools = [_own_copy(obj) for obj in stored]
     by_id = {obj["tool_call_id"]: obj for obj in tools}
     for sent in client:
         _merge(_target(by_id, sent), sent)
@@ -47,6 +47,20 @@ def resolve_pause(
     for obj in decided_by_admin:
         _apply_approval(obj, approvals[obj["approval_id"]])
     return tools, [[obj["tool_call_id"], _settle(obj)] for obj in waiting]
+
+
+def _own_copy(obj: dict[str, Any]) -> dict[str, Any]:
+    """A call as the resolution may change it: its own dict, and for a waiting call its own
+    arguments and input fields (the only nested values a resolution writes); a deep copy of
+    every call cost more than the rest of the resolution."""
+    mine = dict(obj)
+    if waiting_kind(obj) is not None:
+        if isinstance(obj.get("tool_args"), dict):
+            mine["tool_args"] = dict(obj["tool_args"])
+        if isinstance(obj.get("user_input_schema"), list):
+            mine["user_input_schema"] = [dict(f) if isinstance(f, dict) else f
+                                         for f in obj["user_input_schema"]]
+    return mine
 
 
 def _target(by_id: dict[str, dict[str, Any]], sent: dict[str, Any]) -> dict[str, Any]:
