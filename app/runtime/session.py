@@ -56,6 +56,12 @@ CANCELLED_BY_CLIENT = "cancelled by client"
 APPLY_KEY = "_apply"
 STARTED_KEY = "_started"  # the call whose ToolCallStarted the continue's own commit wrote
 _RETRY_FIRST, _RETRY_MAX = 0.05, 0.5
+SLICE_SECONDS = 0.002
+"""The longest a run's own work (a model that streams from memory, say) keeps its worker
+without letting the worker's other requests and streams run; a commit lets them run too."""
+YIELD_SECONDS = 0.0001
+"""A timed sleep, not `sleep(0)`: gevent may resume a greenlet that slept 0 without polling
+the sockets, and a request that waits to be read is only seen by the poll."""
 _CANCEL_ATTEMPTS = 5
 
 
@@ -154,6 +160,7 @@ class RunSession:
         self._inflight: Commit | None = None  # a checkpoint tried without a known outcome
         self._failure: Exception | None = None  # what a background flush met, for this thread
         self._lock = threading.RLock()
+        self._slice_since = 0.0  # when the run last waited (0: not yet working)
 
     def event(self, name: str, **fields: Any) -> dict[str, Any]:
         return event(self.doc, name, **fields)
@@ -170,6 +177,19 @@ class RunSession:
                 self._cancellable(lambda: self._flush(self.life.lease_seconds))
             else:
                 FLUSHER.watch(self, self._pending_since + BATCH_SECONDS)
+        self._share_the_worker()
+
+    def _share_the_worker(self) -> None:
+        """Yield once the run has worked for a slice without waiting on anything (outside
+        the lock, so the flusher is not held up): under gevent nothing else in the worker
+        runs until a greenlet waits, and a model that yields deltas from memory never does
+        between its commits. A fast turn ends within its first slice and never yields."""
+        now = time.monotonic()
+        if not self._slice_since:
+            self._slice_since = now
+        elif now - self._slice_since >= SLICE_SECONDS:
+            time.sleep(YIELD_SECONDS)
+            self._slice_since = time.monotonic()
 
     def write(
         self,
@@ -322,6 +342,7 @@ class RunSession:
             if self.channel is not None:
                 self.channel.end_commit()
         self._inflight = None
+        self._slice_since = time.monotonic()  # the commit waited: others had their turn
         self.version, self.state = result.version, state
         self.approval_ids = commit.approval_ids
         self._updated_at = commit.now
