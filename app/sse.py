@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 MIMETYPE = "text/event-stream; charset=utf-8"
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 PING = b": ping\n\n"
+FRAMES_PER_CHUNK = 256  # a long history replayed by `/events` is still sent piece by piece
 TERMINAL_EVENTS = frozenset({"RunPaused", "RunCompleted", "RunError", "RunCancelled"})
 # The longest single wait for new events. Every event of a run (a pause, an end, a cancel, the
 # sweep's RunError for a lost worker) wakes the wait at once, so the slice only bounds how
@@ -53,8 +54,9 @@ def follow(
     channel: RunChannel | None = None,
     channels: Channels | None = None,
     stall_seconds: float | None = None,
-) -> Iterator[StoredEvent | None]:
-    """Stored events after `after`, then live ones, until a terminal event (None = idle ping).
+) -> Iterator[list[StoredEvent] | None]:
+    """Stored events after `after`, then live ones, until a terminal event (None = idle ping),
+    in the batches they were read or committed in (a stream sends each batch at once).
 
     Events up to `history_until` (the run's last event when a resume was asked for) are
     history: a terminal event among them does not end the stream, so a replay spans every
@@ -90,16 +92,26 @@ def follow(
             events = []
         if events is None:
             return
-        for event in events:
-            yield event
-            after = event.seq
-            if event.name in TERMINAL_EVENTS and event.seq > history_until:
-                return
+        batch, ended = _until_terminal(events, history_until)
+        if batch:
+            yield batch
+            after = batch[-1].seq
+        if ended:
+            return
         if events:
             quiet_since = time.monotonic()
         elif time.monotonic() - quiet_since >= ping_seconds:
             quiet_since = time.monotonic()
             yield None
+
+
+def _until_terminal(events: list[StoredEvent],
+                    history_until: int) -> tuple[list[StoredEvent], bool]:
+    """The events up to the first terminal one past the history, and whether there was one."""
+    for index, event in enumerate(events):
+        if event.name in TERMINAL_EVENTS and event.seq > history_until:
+            return events[:index + 1], True
+    return events, False
 
 
 def _channel_events(channel: RunChannel, after: int, wait: float,
@@ -130,14 +142,19 @@ def _wait(deadline: float, quiet_since: float, ping_seconds: float) -> float:
     return max(0.0, min(_WAIT_SLICE, deadline - now, quiet_since + ping_seconds - now))
 
 
-def sse_body(events: Iterator[StoredEvent | None]) -> Iterator[bytes]:
-    """Frames for a response; a store outage mid-stream ends it (the client resumes later)."""
+def sse_body(batches: Iterator[list[StoredEvent] | None]) -> Iterator[bytes]:
+    """Frames for a response, a batch of events in one chunk (one write to the socket, not
+    one per delta); a store outage mid-stream ends it (the client resumes later)."""
     try:
-        for event in events:
-            yield PING if event is None else frame(event)
+        for batch in batches:
+            if batch is None:
+                yield PING
+                continue
+            for start in range(0, len(batch), FRAMES_PER_CHUNK):
+                yield b"".join(map(frame, batch[start:start + FRAMES_PER_CHUNK]))
     except StoreUnavailable as exc:
         log.warning("stream ended early, store unavailable: %s", exc)
     finally:
-        close = getattr(events, "close", None)
+        close = getattr(batches, "close", None)
         if close is not None:
             close()

@@ -182,6 +182,17 @@ def test_a_created_run_streams_from_run_started_to_its_answer(client):
     assert isinstance(done["metrics"], dict)
 
 
+def test_the_events_of_one_commit_go_out_as_one_chunk_of_whole_frames(client):
+    resp = client.post("/agents/chat-agent/runs", data={"message": "word " * 600},
+                       buffered=False)
+    chunks = [bytes(chunk) for chunk in resp.response]
+    text = b"".join(chunks).decode()
+    events = text.count("\nevent: ")
+    assert events > 600 and text.rstrip().splitlines()[-2] == "event: RunCompleted"
+    assert all(chunk.startswith(b"id: ") and chunk.endswith(b"\n\n") for chunk in chunks)
+    assert len(chunks) <= events // 10, "a chunk per commit, not one per delta"
+
+
 def test_a_created_run_that_pauses_ends_with_run_paused(client):
     stream = create(client, "confirm-agent")
     assert stream.names == ["RunStarted", *CALLING_TURN, "RunPaused"]
