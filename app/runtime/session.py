@@ -31,6 +31,7 @@ from app.runtime.agent import Agent
 from app.runtime.batching import BATCH_EVENTS, BATCH_SECONDS, FLUSHER
 from app.runtime.documents import envelope, event
 from app.runtime.handoff import RunChannel
+from statemachine.blocking import gevent_active
 from statemachine.errors import (
     CancelRequested,
     InvalidTransition,
@@ -183,12 +184,14 @@ class RunSession:
         """Yield once the run has worked for a slice without waiting on anything (outside
         the lock, so the flusher is not held up): under gevent nothing else in the worker
         runs until a greenlet waits, and a model that yields deltas from memory never does
-        between its commits. A fast turn ends within its first slice and never yields."""
+        between its commits. A fast turn ends within its first slice and never yields; OS
+        threads need no help (the interpreter switches them)."""
         now = time.monotonic()
         if not self._slice_since:
             self._slice_since = now
         elif now - self._slice_since >= SLICE_SECONDS:
-            time.sleep(YIELD_SECONDS)
+            if gevent_active():
+                time.sleep(YIELD_SECONDS)
             self._slice_since = time.monotonic()
 
     def write(
