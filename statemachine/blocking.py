@@ -74,3 +74,32 @@ class Offload:
 
                     self._pool, self._pid = ThreadPool(self.size), os.getpid()
         return self._pool
+
+
+class ProcessThread:
+    """One daemon thread per process running `target`: started by `ensure` if this process
+    has none in `target` (the first call, after a fork, after `target` ended).
+
+    A flag that the thread itself clears, not `Thread.is_alive()`: under gevent that call
+    yields to the hub (gevent's lock sleeps when a non-blocking acquire fails), and `ensure`
+    is called on hot paths (every emitted event, every run started)."""
+
+    def __init__(self, target: Callable[[], None], name: str) -> None:
+        self._target = target
+        self._name = name
+        self._running_in = 0  # the pid whose thread is in `target` (0: none)
+        self._lock = threading.Lock()
+
+    def ensure(self) -> None:
+        if self._running_in == os.getpid():
+            return
+        with self._lock:
+            if self._running_in != os.getpid():
+                self._running_in = os.getpid()
+                threading.Thread(target=self._run, daemon=True, name=self._name).start()
+
+    def _run(self) -> None:
+        try:
+            self._target()
+        finally:
+            self._running_in = 0  # the next `ensure` starts another

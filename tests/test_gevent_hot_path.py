@@ -48,7 +48,7 @@ SWITCHES = textwrap.dedent("""
     executor = RunExecutor(store=None, max_runs=3, lease_seconds=30, sweep_interval=3600)
     executor.ensure_background()  # starts the lease thread,
     gevent.sleep(0.01)
-    executor.ensure_background()  # then sees it alive (checked once a second)
+    executor.ensure_background()  # then finds it running
     ran = []
     switches.clear()
     for _ in range(3):

@@ -11,10 +11,11 @@ outside the run's own thread, which may be blocked reading a slow model: the `Fl
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from typing import Protocol
+
+from statemachine.blocking import ProcessThread
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,7 @@ class Flusher:
     def __init__(self) -> None:
         self._due: dict[Flushable, float] = {}
         self._changed = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._running_in = 0  # the pid whose thread is in its loop (0: none)
+        self._thread = ProcessThread(self._loop, "batch-flush")
         self._wakes_at = float("inf")  # when the thread's wait ends on its own
 
     def watch(self, session: Flushable, due_at: float) -> None:
@@ -53,34 +53,19 @@ class Flusher:
                 self._due[session] = due_at
                 if due_at < self._wakes_at:
                     self._changed.notify()
-            self._ensure_thread()
+        self._thread.ensure()
 
     def forget(self, session: Flushable) -> None:
         with self._changed:
             self._due.pop(session, None)
 
-    def _ensure_thread(self) -> None:
-        """Start the thread unless this process's is in its loop (called with `_changed`).
-
-        A flag, not `Thread.is_alive()`: under gevent that call yields to the hub, and every
-        emitted event comes here, so each delta cost a switch of greenlets and, under load,
-        a turn outlived its batch window and paid for a commit more."""
-        if self._running_in != os.getpid():
-            self._running_in = os.getpid()
-            self._thread = threading.Thread(target=self._loop, daemon=True, name="batch-flush")
-            self._thread.start()
-
     def _loop(self) -> None:
-        try:
-            while True:
-                session = self._next_due()
-                try:
-                    session.flush_due()
-                except Exception:  # the session records what its own thread must raise
-                    log.exception("background flush failed")
-        finally:
-            with self._changed:
-                self._running_in = 0  # the next watch starts another
+        while True:
+            session = self._next_due()
+            try:
+                session.flush_due()
+            except Exception:  # the session records what its own thread must raise
+                log.exception("background flush failed")
 
     def _next_due(self) -> Flushable:
         with self._changed:

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from statemachine.blocking import gevent_active
+from statemachine.blocking import ProcessThread, gevent_active
 from statemachine.errors import StoreUnavailable
 from statemachine.store import RunStore
 
@@ -97,9 +97,7 @@ class RunExecutor:
         self._active: dict[str, int] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._pid = os.getpid()
-        self._alive_until = 0.0  # the thread was seen alive less than a second before this
+        self._thread = ProcessThread(self._background, "lease-and-sweep")
         self.draining = False
 
     def reserve(self) -> None:
@@ -161,20 +159,9 @@ class RunExecutor:
             return sorted(self._active)
 
     def ensure_background(self) -> None:
-        """Start the renewal/sweep thread in this process (again after a fork, or within a
-        second of its end); every request calls this, so a living thread costs a clock read."""
-        now = time.monotonic()
-        if self._pid == os.getpid() and now < self._alive_until:
-            return
-        if self._thread is not None and self._thread.is_alive() and self._pid == os.getpid():
-            self._alive_until = now + 1.0
-            return
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
-                self._pid = os.getpid()
-                self._thread = threading.Thread(target=self._background, daemon=True,
-                                                name="lease-and-sweep")
-                self._thread.start()
+        """Start the renewal/sweep thread in this process (again after a fork or its end);
+        every run started calls this, so a living thread costs a comparison."""
+        self._thread.ensure()
 
     def _background(self) -> None:
         renew_every = max(0.2, self.lease_seconds / 3)
