@@ -292,8 +292,12 @@ class SqliteRunStore:
             if name not in present:
                 db.execute(f"ALTER TABLE runs ADD COLUMN {name} {decl}")
 
-    def _connection(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
+    def _connection(self, writer: bool = False) -> sqlite3.Connection:
+        """This thread's connection for reads (SQLite's busy handler waits out a lock) or,
+        with `writer`, for write transactions (no busy handler: `_begin` waits instead, so no
+        statement inside the write lock changes the connection's settings)."""
+        name = "writer" if writer else "db"
+        db = getattr(self._local, name, None)
         if db is None:
             db = sqlite3.connect(
                 self.path, timeout=self.busy_timeout, isolation_level=None,
@@ -302,16 +306,21 @@ class SqliteRunStore:
             db.row_factory = sqlite3.Row
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
-            db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+            timeout_ms = 0 if writer else int(self.busy_timeout * 1000)
+            db.execute(f"PRAGMA busy_timeout={timeout_ms}")
             db.create_function("casefold_contains", 2, _casefold_contains, deterministic=True)
-            self._local.db = db
+            setattr(self._local, name, db)
             with self._all_lock:
                 self._all.append(db)
         return db
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One BEGIN IMMEDIATE transaction: committed whole, or rolled back whole."""
+        """One BEGIN IMMEDIATE transaction: committed whole, or rolled back whole.
+
+        What a write encodes (documents, events) is encoded before it is called: the file's
+        write lock is held by one process at a time, so its every microsecond is the whole
+        machine's."""
         wait = deadline.cap(self.busy_timeout)
         if not self._writer.acquire(timeout=self.busy_timeout if wait is None else wait):
             raise sqlite3.OperationalError("database is locked (by this process's writers)")
@@ -323,7 +332,7 @@ class SqliteRunStore:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        db = self._connection()
+        db = self._connection(writer=True)
         self._begin(db)
         try:
             yield db
@@ -337,21 +346,18 @@ class SqliteRunStore:
         the write lock, for no longer than the request's store budget (or `busy_timeout`).
 
         SQLite's own busy handler sleeps 1, 2, 5, 10 ... 100 ms between its tries: a writer
-        that met the lock held for a millisecond often slept ten, most of a loaded tail."""
+        that met the lock held for a millisecond often slept ten, most of a loaded tail. The
+        writer connection has none, so this loop is the only wait."""
         wait = deadline.cap(self.busy_timeout)
         until = time.monotonic() + (self.busy_timeout if wait is None else wait)
-        db.execute("PRAGMA busy_timeout=0")
-        try:
-            while True:
-                try:
-                    db.execute("BEGIN IMMEDIATE")
-                    return
-                except sqlite3.OperationalError as exc:
-                    if not _busy(exc) or time.monotonic() >= until:
-                        raise
-                time.sleep(random.uniform(0.0005, 0.0015))
-        finally:
-            db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+        while True:
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if not _busy(exc) or time.monotonic() >= until:
+                    raise
+            time.sleep(random.uniform(0.0005, 0.0015))
 
     def _read(self) -> sqlite3.Connection:
         return self._connection()
@@ -368,32 +374,32 @@ class SqliteRunStore:
                    remember: Remember | None = None) -> CommitResult:
         """Store a new run; its session is made or touched, and an Idempotency-Key's outcome
         remembered, in the same transaction."""
+        doc, encoded = dumps(run.doc), [dumps(event) for event in events]
         with self._write() as db:
             if session is not None:
                 _link_session(db, session)
             try:
                 db.execute(
                     f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES "
-                    "(?, ?, ?, ?, ?, 1, ?, ?, ?, 0, 0, ?, ?, ?, 0, NULL)",
+                    "(?, ?, ?, ?, ?, 1, ?, ?, ?, 0, ?, ?, ?, ?, 0, NULL)",
                     (run.run_id, run.agent_id, run.session_id, run.user_id, run.state.value,
-                     run.created_at, run.updated_at, dumps(run.doc), run.lease_owner,
+                     run.created_at, run.updated_at, doc, len(encoded), run.lease_owner,
                      run.lease_until, run.paused_at),
                 )
             except sqlite3.IntegrityError:
                 raise StaleRun(f"run {run.run_id} already exists") from None
-            seqs = self._append_events(db, run.run_id, 0, events)
+            seqs = self._append_events(db, run.run_id, 0, encoded)
             if remember is not None:
                 self._store_remembered(db, run.run_id, remember, run.created_at)
         return CommitResult(version=1, seqs=seqs)
 
     @staticmethod
-    def _append_events(db: sqlite3.Connection, run_id: str, last: int, events: list) -> list:
-        seqs = list(range(last + 1, last + 1 + len(events)))
-        db.executemany(
-            "INSERT INTO events (run_id, seq, data) VALUES (?, ?, ?)",
-            [(run_id, seq, dumps(event)) for seq, event in zip(seqs, events, strict=True)],
-        )
-        db.execute("UPDATE runs SET last_seq = ? WHERE run_id = ?", (last + len(events), run_id))
+    def _append_events(db: sqlite3.Connection, run_id: str, last: int,
+                       encoded: list[str]) -> list[int]:
+        """Insert the run's next events (already encoded); the caller writes `last_seq`."""
+        seqs = list(range(last + 1, last + 1 + len(encoded)))
+        db.executemany("INSERT INTO events (run_id, seq, data) VALUES (?, ?, ?)",
+                       [(run_id, seq, data) for seq, data in zip(seqs, encoded, strict=True)])
         return seqs
 
     @_guarded
@@ -419,6 +425,9 @@ class SqliteRunStore:
     @_guarded
     def commit(self, commit: Commit) -> CommitResult:
         """Apply `commit` atomically if the run is still at its expected version."""
+        doc = commit.encoded_doc() or None  # None: the stored document stays
+        encoded = [dumps(event) for event in commit.events]
+        entries = commit_entries(commit) if self.outbox else []
         with self._write() as db:
             row = db.execute(
                 "SELECT version, last_seq, pending_approvals, cancel_requested, lease_until "
@@ -428,18 +437,18 @@ class SqliteRunStore:
             self._check(row, commit)
             pending = row["pending_approvals"] + self._insert_approvals(db, commit)
             pending -= self._expire_approvals(db, commit)
-            seqs = self._append_events(db, commit.run_id, row["last_seq"], commit.events)
+            seqs = self._append_events(db, commit.run_id, row["last_seq"], encoded)
             self._remember(db, commit)
-            self._enqueue(db, commit_entries(commit) if self.outbox else [])
+            self._enqueue(db, entries)
             finished = commit.now if commit.retain_seconds is not None else None
-            doc = commit.encoded_doc() or None  # None: the stored document stays
             db.execute(
                 "UPDATE runs SET state = ?, version = version + 1, doc = coalesce(?, doc), "
                 "updated_at = ?, pending_approvals = ?, lease_owner = ?, lease_until = ?, "
-                "paused_at = ?, finished_at = ?, cancel_requested = 0, commit_token = ? "
-                "WHERE run_id = ?",
+                "paused_at = ?, finished_at = ?, cancel_requested = 0, commit_token = ?, "
+                "last_seq = ? WHERE run_id = ?",
                 (commit.state.value, doc, commit.now, pending, commit.lease_owner,
-                 commit.lease_until, commit.paused_at, finished, commit.token, commit.run_id),
+                 commit.lease_until, commit.paused_at, finished, commit.token,
+                 row["last_seq"] + len(encoded), commit.run_id),
             )
         return CommitResult(version=commit.expected_version + 1, seqs=seqs)
 
@@ -485,6 +494,8 @@ class SqliteRunStore:
 
     @staticmethod
     def _insert_approvals(db: sqlite3.Connection, commit: Commit) -> int:
+        if not commit.approvals:
+            return 0  # no statement: every one inside the write lock is the whole machine's
         db.executemany(
             "INSERT INTO approvals (approval_id, run_id, status, doc, created_at, agent_id, "
             "user_id, session_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -775,6 +786,8 @@ class SqliteRunStore:
     @staticmethod
     def _enqueue(db: sqlite3.Connection, entries: list[OutboxEntry]) -> None:
         """Outbox rows, inside the caller's transaction: they exist iff the fact does."""
+        if not entries:
+            return
         db.executemany(
             "INSERT INTO outbox (entry_id, run_id, payload, created_at, next_at) "
             "VALUES (?, ?, ?, ?, ?)",
