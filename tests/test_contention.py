@@ -378,8 +378,11 @@ def test_cancels_of_streaming_runs_on_gunicorn_and_redis_all_win(private_redis):
                            "SWEEP_INTERVAL_SECONDS": "0.5"}, workers=2).start()
     try:
         for _ in range(6):
+            # 19,000 deltas (near the longest message): an unhindered run of them lasts about
+            # 0.4 s here, so the cancel, sent after the 20th event, finds it still executing
+            # on a loaded machine too (5,000 lasted 0.1 s, and a full suite once lost the race)
             with requests.post(f"{server.url}/agents/chat-agent/runs",
-                               data={"message": "word " * 5000}, stream=True,
+                               data={"message": "word " * 19_000}, stream=True,
                                timeout=30) as answer:
                 names = sse_names(answer)
                 assert next(names) == "RunStarted"
