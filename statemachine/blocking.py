@@ -66,6 +66,14 @@ class Offload:
             raise outcome
         return outcome
 
+    def spawn(self, function: Callable[[], None]) -> None:
+        """`function()` in one of the threads, not waited for (here and now without gevent);
+        it reports its own failures, as nobody waits for them."""
+        if not gevent_active():
+            function()
+            return
+        self._threads().spawn(_outcome, function)
+
     def _threads(self) -> Any:
         if self._pool is None or self._pid != os.getpid():
             with self._lock:
