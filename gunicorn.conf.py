@@ -6,7 +6,7 @@ import resource
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '7777')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 # gevent (the default): every connection is a greenlet, so thousands of open streams and slow
-# clients cost memory, not threads; redis-py's socket I/O cooperates, SQLite calls and tools
+# clients cost memory, not threads; redis-py's socket I/O cooperates, SQLite's scans and tools
 # run in small pools of OS threads (see the README's deployment section). `gthread` is the
 # alternative: one OS thread per connection, `GUNICORN_THREADS` per worker.
 worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gevent")
