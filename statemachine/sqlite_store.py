@@ -450,10 +450,16 @@ class SqliteRunStore:
         return turn
 
     def _count_for_checkpoint(self) -> None:
+        """Every CHECKPOINT_EVERY writes, a checkpoint in an OS thread. Called once the
+        write is committed: nothing here may fail it."""
         self._worker_writes += 1
         if self._worker_writes >= CHECKPOINT_EVERY and not self._checkpointing:
             self._worker_writes, self._checkpointing = 0, True
-            _THREADS.spawn(self._checkpoint)
+            try:
+                _THREADS.spawn(self._checkpoint)
+            except Exception as exc:  # noqa: BLE001 - the next write tries again
+                self._checkpointing = False
+                log.warning("sqlite checkpoint not started: %s", exc)
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
