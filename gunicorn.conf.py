@@ -45,9 +45,12 @@ def on_starting(server):
 
 
 def post_worker_init(worker):
+    """The app is loaded: the worker accepts connections next (and says so, for whoever
+    must not load an instance before every worker takes its share)."""
     from app.shutdown import install
 
     install(worker)
+    worker.log.info("Worker ready (pid: %s)", worker.pid)
 
 
 def worker_int(worker):
