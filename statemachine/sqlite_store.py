@@ -375,7 +375,7 @@ class SqliteRunStore:
         db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None,
                              check_same_thread=False)
         db.row_factory = sqlite3.Row
-        db.execute("PRAGMA journal_mode=WAL")
+        self._use_wal(db)
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
         if not checkpoints:  # a checkpoint writes and syncs the file: see `_checkpoint`
@@ -384,6 +384,33 @@ class SqliteRunStore:
         with self._all_lock:
             self._all.append(db)
         return db
+
+    def _use_wal(self, db: sqlite3.Connection) -> None:
+        """Put the file in WAL mode, which it keeps: the first connection to a new file
+        switches it, every later one only reads the mode.
+
+        The switch needs the file to itself, and where waiting could deadlock (this
+        connection reads while another holds the write lock) SQLite answers `database is
+        locked` at once instead of calling the busy handler: two workers opening a new file
+        together met that, and one failed to boot. So the switch is retried, within the
+        busy budget, until this connection or another has made it."""
+        until = time.monotonic() + max(self.busy_timeout, 1.0)
+        while True:
+            try:
+                if db.execute("PRAGMA journal_mode").fetchone()[0] in ("wal", "memory"):
+                    return  # switched already (an in-memory file has no WAL to switch to)
+                mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                failure = None if mode == "wal" else sqlite3.OperationalError(
+                    f"{self.path} stays in journal mode {mode!r}, not WAL")
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                failure = exc
+            if failure is None:
+                return
+            if time.monotonic() >= until:
+                raise failure
+            time.sleep(0.005 + random.random() * 0.02)
 
     def _checkpoint(self) -> None:
         """Copy the WAL back into the database file, in an OS thread.

@@ -631,3 +631,27 @@ def test_locked_sqlite_is_unavailable_after_busy_timeout(tmp_path):
     finally:
         blocker.close()
         store.close()
+
+
+def test_a_new_sqlite_file_opened_while_another_holds_its_write_lock_waits_for_it(tmp_path):
+    """The switch of a new file to WAL gets `database is locked` at once (no busy handler)
+    where waiting could deadlock: two workers booting on one new file, one failed. The
+    opening store waits the holder out instead, within its budget."""
+    path = str(tmp_path / "new.db")
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("CREATE TABLE placeholder (x)")
+    holder.execute("BEGIN IMMEDIATE")
+    releaser = threading.Timer(0.3, lambda: holder.execute("COMMIT"))
+    releaser.start()
+    started = time.monotonic()
+    try:
+        store = SqliteRunStore(path, busy_timeout=5.0)
+        assert 0.25 <= time.monotonic() - started < 3
+        run = create(store, None, ev("RunStarted"))
+        assert store.get_run(run.run_id) == run
+        mode = sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0]
+        assert mode == "wal"
+        store.close()
+    finally:
+        releaser.join()
+        holder.close()
