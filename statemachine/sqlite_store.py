@@ -319,24 +319,29 @@ class SqliteRunStore:
         self._turn: tuple[int, Any] = (0, None)
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
-        self._migrate(self._connection())
-        self._add_missing_columns()
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Create the schema; a file from before the columns added since gets them (the
+        approvals' filter columns filled from each approval's document) before the indexes
+        on them are made.
+
+        Every worker does this as it boots, often at the same moment: the columns are looked
+        for and added in one write transaction, so a worker never adds a column that another
+        added after it looked (`duplicate column name`, and a worker that fails to boot)."""
+        self._connection().executescript(
+            SCHEMA.split("CREATE INDEX IF NOT EXISTS approvals_by_status")[0])
+        with self._transaction() as db:
+            self._add_missing_columns(db)
+        self._connection().executescript(SCHEMA)
 
     @staticmethod
-    def _migrate(db: sqlite3.Connection) -> None:
-        """Create the schema; a file from before the approvals' filter columns gets them,
-        filled from each approval's document, before the indexes on them are made."""
-        table = SCHEMA.split("CREATE INDEX IF NOT EXISTS approvals_by_status")[0]
-        db.executescript(table)
-        columns = {row[1] for row in db.execute("PRAGMA table_info(approvals)")}
+    def _add_missing_columns(db: sqlite3.Connection) -> None:
+        columns = {row["name"] for row in db.execute("PRAGMA table_info(approvals)")}
         for column in _APPROVAL_COPIED:
             if column not in columns:
                 db.execute(f"ALTER TABLE approvals ADD COLUMN {column} TEXT")
                 db.execute(f"UPDATE approvals SET {column} = json_extract(doc, '$.{column}')")
-        db.executescript(SCHEMA)
-
-    def _add_missing_columns(self) -> None:
-        db = self._connection()
         present = {row["name"] for row in db.execute("PRAGMA table_info(runs)")}
         for name, decl in _ADDED_RUN_COLUMNS.items():
             if name not in present:
@@ -403,7 +408,7 @@ class SqliteRunStore:
                 failure = None if mode == "wal" else sqlite3.OperationalError(
                     f"{self.path} stays in journal mode {mode!r}, not WAL")
             except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc):
+                if not _busy(exc):
                     raise
                 failure = exc
             if failure is None:

@@ -6,6 +6,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from contextlib import closing
 
 import pytest
 
@@ -655,3 +656,63 @@ def test_a_new_sqlite_file_opened_while_another_holds_its_write_lock_waits_for_i
     finally:
         releaser.join()
         holder.close()
+
+
+def _as_before_the_added_columns(path: str) -> None:
+    """Make a store's file look like one from before the approvals' filter columns and the
+    runs' `cancel_requested` and `commit_token` (what an upgrade opens)."""
+    db = sqlite3.connect(path, isolation_level=None)
+    for index in ("agent_id", "user_id", "session_id"):
+        db.execute(f"DROP INDEX approvals_by_{index}")
+    db.execute("DROP INDEX approvals_pending_by_user")
+    for table, column in (("approvals", "agent_id"), ("approvals", "user_id"),
+                          ("approvals", "session_id"), ("runs", "cancel_requested"),
+                          ("runs", "commit_token")):
+        db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    db.close()
+
+
+def _columns(path: str, table: str) -> list[str]:
+    with closing(sqlite3.connect(path)) as db:
+        return [row[1] for row in db.execute(f"PRAGMA table_info({table})")]
+
+
+def test_an_old_file_gets_the_added_columns_once_though_another_process_adds_them_meanwhile(
+        tmp_path):
+    """Workers boot together on an upgraded file: one adds the columns while another has
+    looked for them. The other waits for the first one's write and adds nothing twice."""
+    path = str(tmp_path / "old.db")
+    SqliteRunStore(path).close()
+    _as_before_the_added_columns(path)
+    assert "commit_token" not in _columns(path, "runs")
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    for column in ("agent_id", "user_id", "session_id"):
+        other.execute(f"ALTER TABLE approvals ADD COLUMN {column} TEXT")
+    other.execute("ALTER TABLE runs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0")
+    other.execute("ALTER TABLE runs ADD COLUMN commit_token TEXT")
+    committer = threading.Timer(0.3, lambda: other.execute("COMMIT"))
+    committer.start()
+    try:
+        store = SqliteRunStore(path, busy_timeout=5.0)
+        run = create(store, None, ev("RunStarted"))
+        assert store.get_run(run.run_id) == run
+        store.close()
+    finally:
+        committer.join()
+        other.close()
+    runs, approvals = _columns(path, "runs"), _columns(path, "approvals")
+    assert runs.count("commit_token") == 1 and runs.count("cancel_requested") == 1
+    assert [approvals.count(c) for c in ("agent_id", "user_id", "session_id")] == [1, 1, 1]
+
+
+def test_an_old_file_is_upgraded_on_open(tmp_path):
+    path = str(tmp_path / "old.db")
+    SqliteRunStore(path).close()
+    _as_before_the_added_columns(path)
+    store = SqliteRunStore(path)
+    run = create(store, None, ev("RunStarted"))
+    assert store.get_run(run.run_id) == run
+    store.close()
+    assert {"commit_token", "cancel_requested"} <= set(_columns(path, "runs"))
+    assert {"agent_id", "user_id", "session_id"} <= set(_columns(path, "approvals"))
