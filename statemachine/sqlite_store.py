@@ -405,17 +405,17 @@ class SqliteRunStore:
                 if db.execute("PRAGMA journal_mode").fetchone()[0] in ("wal", "memory"):
                     return  # switched already (an in-memory file has no WAL to switch to)
                 mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-                failure = None if mode == "wal" else sqlite3.OperationalError(
+                if mode == "wal":
+                    return
+                failure = sqlite3.OperationalError(
                     f"{self.path} stays in journal mode {mode!r}, not WAL")
             except sqlite3.OperationalError as exc:
                 if not _busy(exc):
                     raise
                 failure = exc
-            if failure is None:
-                return
             if time.monotonic() >= until:
                 raise failure
-            time.sleep(0.005 + random.random() * 0.02)
+            time.sleep(random.uniform(0.005, 0.025))
 
     def _checkpoint(self) -> None:
         """Copy the WAL back into the database file, in an OS thread.

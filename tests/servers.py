@@ -137,7 +137,9 @@ class Gunicorn:
         return f"http://{self.host}:{self.port}"
 
     def start(self, timeout: float = 30) -> Gunicorn:
-        env = self._env()
+        inherited = {k: v for k, v in os.environ.items() if k not in DEFAULTS}
+        env = {**inherited, **self.env, "HOST": self.host, "PORT": str(self.port),
+               "WEB_CONCURRENCY": str(self.workers), "GUNICORN_THREADS": str(self.threads)}
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         inside = ["ip", "netns", "exec", self.netns] if self.netns else []
         self.process = subprocess.Popen(
@@ -147,20 +149,20 @@ class Gunicorn:
         )
         try:
             wait_until(self._healthy, timeout, what=f"gunicorn on {self.url}")
-            wait_until(self._all_workers_ready, timeout, what=f"{self.workers} workers ready")
+            if env.get("LOG_LEVEL", "info").lower() in ("debug", "info"):  # else no ready line
+                wait_until(self._all_workers_ready, timeout,
+                           what=f"{self.workers} workers ready")
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _env(self) -> dict[str, str]:
-        inherited = {k: v for k, v in os.environ.items() if k not in DEFAULTS}
-        return {**inherited, **self.env, "HOST": self.host, "PORT": str(self.port),
-                "WEB_CONCURRENCY": str(self.workers), "GUNICORN_THREADS": str(self.threads)}
-
-    def _healthy(self) -> bool:
+    def _raise_if_exited(self) -> None:
         if self.process is not None and self.process.poll() is not None:
             raise RuntimeError(f"gunicorn exited; log:\n{self.log()}")
+
+    def _healthy(self) -> bool:
+        self._raise_if_exited()
         try:
             return requests.get(f"{self.url}/health", timeout=1).status_code == 200
         except requests.RequestException:
@@ -172,10 +174,7 @@ class Gunicorn:
         /health answers as soon as one worker does. On the one listening socket the workers
         share, connections opened meanwhile all go to that worker and stay there (a load
         generator's keep-alive connections: one worker did 98% of the work in 1 of 4 runs)."""
-        if self.process is not None and self.process.poll() is not None:
-            raise RuntimeError(f"gunicorn exited; log:\n{self.log()}")
-        if self._env().get("LOG_LEVEL", "info").lower() not in ("debug", "info"):
-            return True  # the line is not written: /health is all there is to wait for
+        self._raise_if_exited()
         return len(set(READY_LINE.findall(self.log()))) >= self.workers
 
     def log(self) -> str:
