@@ -130,22 +130,42 @@ def redis_only(redis_url, redis_prefix):
     store.close()
 
 
+def _continue_counting(creator, continuer, store, monkeypatch) -> int:
+    """Create a confirm-agent run through `creator`, continue it through `continuer`; the
+    round trips of the continue (its answer checked against the store)."""
+    sent: list[int] = []
+    run = creator.post("/agents/confirm-agent/runs",
+                       data={"message": "hi", "stream": "false"}).json
+    monkeypatch.setattr(redis_store, "on_round_trip", lambda: sent.append(1))
+    done = continuer.post(f"/agents/confirm-agent/runs/{run['run_id']}/continue",
+                          data={"tools": confirm_tools(run), "stream": "false"})
+    monkeypatch.setattr(redis_store, "on_round_trip", lambda: None)
+    assert done.status_code == 200 and done.json["status"] == "COMPLETED"
+    stored = store.get_run(run["run_id"])
+    assert done.json["events"] == [e.data for e in store.read_events(run["run_id"])]
+    assert done.json["content"] == stored.doc["content"]
+    return len(sent)
+
+
 def test_a_continue_that_completes_costs_three_round_trips(redis_only, monkeypatch):
+    """In a process that did not pause the run: a read, then the two commits."""
+    creator, continuer = app_with(redis_only), app_with(redis_only)
+    try:
+        assert _continue_counting(creator.test_client(), continuer.test_client(),
+                                  redis_only, monkeypatch) == 3
+    finally:
+        for app in (creator, continuer):
+            app.extensions["agentos"].executor.shutdown(wait=True)
+
+
+def test_a_continue_in_the_process_that_paused_the_run_costs_two_round_trips(redis_only,
+                                                                             monkeypatch):
+    """The run as its pause committed it was kept here: the continue's commit and the
+    turn's commit, no read."""
     app = app_with(redis_only)
     client = app.test_client()
-    sent: list[int] = []
     try:
-        run = client.post("/agents/confirm-agent/runs",
-                          data={"message": "hi", "stream": "false"}).json
-        monkeypatch.setattr(redis_store, "on_round_trip", lambda: sent.append(1))
-        done = client.post(f"/agents/confirm-agent/runs/{run['run_id']}/continue",
-                           data={"tools": confirm_tools(run), "stream": "false"})
-        monkeypatch.setattr(redis_store, "on_round_trip", lambda: None)
-        assert done.status_code == 200 and done.json["status"] == "COMPLETED"
-        assert len(sent) == 3  # one read, the continue's commit, the turn's commit
-        stored = redis_only.get_run(run["run_id"])
-        assert done.json["events"] == [e.data for e in redis_only.read_events(run["run_id"])]
-        assert done.json["content"] == stored.doc["content"]
+        assert _continue_counting(client, client, redis_only, monkeypatch) == 2
     finally:
         app.extensions["agentos"].executor.shutdown(wait=True)
 
@@ -227,3 +247,49 @@ def test_a_paused_run_lets_its_bell_go(redis_only):
     wait_until(lambda: not redis_only.redis.exists(bell), timeout=lua.BELL_MS / 1000 + 5,
                what="the bell to expire")
     assert redis_only.get_run(run["run_id"]).state is RunState.PAUSED
+
+
+@pytest.mark.parametrize("elsewhere, sentence", [
+    (lambda client, run: client.post(f"/agents/confirm-agent/runs/{run['run_id']}/continue",
+                                     data={"tools": confirm_tools(run), "stream": "false"}),
+     "run is already completed"),
+    (lambda client, run: client.post(f"/agents/confirm-agent/runs/{run['run_id']}/cancel"),
+     "run is already cancelled"),
+])
+def test_a_kept_pause_moved_by_another_process_is_decided_on_the_store(redis_only, elsewhere,
+                                                                       sentence):
+    """The process that paused the run keeps it; another one moves it (a continue, a
+    cancel); the kept copy then loses its compare-and-set, and the store's state answers."""
+    here, there = app_with(redis_only), app_with(redis_only)
+    try:
+        client = here.test_client()
+        run = client.post("/agents/confirm-agent/runs",
+                          data={"message": "hi", "stream": "false"}).json
+        assert len(here.extensions["agentos"].service.channels.kept) == 1
+        assert elsewhere(there.test_client(), run).status_code == 200
+        wait_until(lambda: redis_only.get_run(run["run_id"]).state.is_final, timeout=10)
+        before = [e.data for e in redis_only.read_events(run["run_id"])]
+        late = client.post(f"/agents/confirm-agent/runs/{run['run_id']}/continue",
+                           data={"tools": confirm_tools(run), "stream": "false"})
+        assert (late.status_code, late.json["detail"]) == (409, sentence)
+        assert [e.data for e in redis_only.read_events(run["run_id"])] == before
+        assert [e["event"] for e in before].count("ToolCallStarted") <= 1
+    finally:
+        for app in (here, there):
+            app.extensions["agentos"].executor.shutdown(wait=True)
+
+
+def test_kept_pauses_are_bounded_and_each_is_taken_once():
+    from app.runtime.handoff import KeptPauses
+    from statemachine.store import StoredRun
+
+    kept = KeptPauses(limit=2)
+    runs = [StoredRun(run_id=f"r{i}", agent_id="a", session_id="s", user_id=None,
+                      state=RunState.PAUSED, version=2, created_at=0.0, updated_at=0.0,
+                      doc={}) for i in range(3)]
+    for run in runs:
+        kept.keep(run, [])
+    assert len(kept) == 2 and kept.take("r0") is None  # the oldest went first
+    taken = kept.take("r1")
+    assert taken is not None and taken.run == runs[1] and taken.run is not runs[1]
+    assert kept.take("r1") is None

@@ -79,13 +79,15 @@ class LockstepStore:
         return read
 
     def _lockstep(self) -> None:
-        """Every contender has read the run before any of them decides on it."""
+        """Every contender has read the run before any of them decides on it (or, for one
+        that decides on the copy its process kept of the pause, before it commits)."""
         barrier = getattr(self._local, "barrier", None)
         if barrier is not None:
             self._local.barrier = None
             barrier.wait(WAIT)
 
     def commit(self, commit):
+        self._lockstep()
         try:
             return self._store.commit(commit)
         except StaleRun:

@@ -8,15 +8,25 @@ other processes and for every resume. When the execution ends, the channel keeps
 its last commit left it (`final`), so a `stream=false` answer needs no read at all; an
 execution that stops without a terminal event (another process moved the run, the store
 stayed down) closes its channel with no `final`, and its followers go on from the store.
+
+A run that pauses here is also kept (`KeptPauses`) as its pausing commit stored it, with all
+its events: the continue that usually follows on the same connection decides on that copy and
+needs no read before its commit, a compare-and-set on the kept version.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, replace
 
+from statemachine.states import RunState
 from statemachine.store import StoredEvent, StoredRun
+
+KEPT_PAUSES = 256
+"""The most paused runs a process keeps for their continue (the oldest go first): about as
+many as a worker has clients continuing at once, at a few KB each."""
 
 
 @dataclass
@@ -30,10 +40,60 @@ class Waited:
     stalled: bool = False
 
 
-class RunChannel:
-    """The events one execution of a run committed, in order, from `first_seq` on."""
+@dataclass(frozen=True)
+class KeptPause:
+    """A run as the commit that paused it stored it, and every event of the run up to it."""
 
-    def __init__(self, run_id: str, events: list[StoredEvent]) -> None:
+    run: StoredRun
+    events: list[StoredEvent]
+
+
+class KeptPauses:
+    """The runs that paused in this process, for a continue of them in this process.
+
+    A copy is only a guess at the truth: the continue that takes it commits with its version
+    (a compare-and-set), so a run moved since (an admin's decision, a cancel, a continue
+    elsewhere) costs that continue a lost compare-and-set and a read, never a wrong answer;
+    and a copy that would refuse the continue is not believed either (the store decides).
+    """
+
+    def __init__(self, limit: int = KEPT_PAUSES) -> None:
+        self._limit = limit
+        self._kept: OrderedDict[str, KeptPause] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def keep(self, run: StoredRun, events: list[StoredEvent]) -> None:
+        with self._lock:
+            self._kept[run.run_id] = KeptPause(run, events)
+            self._kept.move_to_end(run.run_id)
+            while len(self._kept) > self._limit:
+                self._kept.popitem(last=False)
+
+    def take(self, run_id: str) -> KeptPause | None:
+        """The kept copy, given up (one continue per pause); its run is the taker's own
+        object (a continue changes the run it commits, and the pause's answer may still be
+        reading this one)."""
+        with self._lock:
+            kept = self._kept.pop(run_id, None)
+        return None if kept is None else KeptPause(replace(kept.run), kept.events)
+
+    def discard(self, run_id: str) -> None:
+        with self._lock:
+            self._kept.pop(run_id, None)
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+
+class RunChannel:
+    """The events one execution of a run committed, in order, from `first_seq` on.
+
+    `history` holds the run's events before this execution's, when the request that started
+    it read them (else None): a pause then keeps the whole run in `kept`."""
+
+    def __init__(self, run_id: str, events: list[StoredEvent],
+                 history: list[StoredEvent] | None = None,
+                 kept: KeptPauses | None = None) -> None:
         self.run_id = run_id
         self.first_seq = events[0].seq if events else 0
         self._events = list(events)
@@ -41,6 +101,8 @@ class RunChannel:
         self.final: StoredRun | None = None
         self._committing_since: float | None = None
         self._changed = threading.Condition()
+        self._history = history
+        self._kept = kept
 
     def covers(self, after: int) -> bool:
         """True when every event after `after` that this execution commits is here."""
@@ -60,6 +122,9 @@ class RunChannel:
             if final is not None:
                 self.final = final
             self._changed.notify_all()
+            if final is not None and final.state is RunState.PAUSED and \
+                    self._history is not None and self._kept is not None:
+                self._kept.keep(final, self._history + self._events)
 
     def close(self) -> None:
         """The execution ended: no more events come through here (those of a later commit,
@@ -112,9 +177,11 @@ class Channels:
     def __init__(self) -> None:
         self._open: dict[str, RunChannel] = {}
         self._lock = threading.Lock()
+        self.kept = KeptPauses()
 
-    def open(self, run_id: str, events: list[StoredEvent]) -> RunChannel:
-        channel = RunChannel(run_id, events)
+    def open(self, run_id: str, events: list[StoredEvent],
+             history: list[StoredEvent] | None = None) -> RunChannel:
+        channel = RunChannel(run_id, events, history, self.kept)
         with self._lock:
             self._open[run_id] = channel
         return channel
@@ -130,6 +197,7 @@ class Channels:
     def drop(self, run_id: str) -> None:
         """Close the run's channel because another writer than its execution committed to
         the run (a shutdown, a sweep): its followers go on from the store, which has it."""
+        self.kept.discard(run_id)
         with self._lock:
             channel = self._open.pop(run_id, None)
         if channel is not None:

@@ -17,9 +17,9 @@ from typing import Any
 from app.runtime.agent import Agent
 from app.runtime.documents import envelope, epoch, event, message, new_id, waiting_calls
 from app.runtime.executor import RunExecutor
-from app.runtime.handoff import Channels, RunChannel
+from app.runtime.handoff import Channels, KeptPause, RunChannel
 from app.runtime.loop import announce_first_call, execute
-from app.runtime.resolution import resolve_pause
+from app.runtime.resolution import ToolInputError, resolve_pause
 from app.runtime.session import (
     APPLY_KEY,
     CANCELLED_BY_CLIENT,
@@ -30,6 +30,8 @@ from app.runtime.session import (
 )
 from statemachine.errors import (
     ApprovalAlreadyResolved,
+    ApprovalPending,
+    InvalidTransition,
     RunNotFound,
     StaleRun,
     StoreUnavailable,
@@ -178,7 +180,7 @@ class RunService:
             self.executor.release()
             raise
         run.version, run.last_seq = result.version, result.seqs[-1]
-        channel = self._execute(agent, run, [StoredEvent(result.seqs[0], started)])
+        channel = self._execute(agent, run, [StoredEvent(result.seqs[0], started)], history=[])
         return Started(run.run_id, after=0, channel=channel, history=[])
 
     def _new_run(self, agent: Agent, run_id: str, text: str, session_id: str,
@@ -200,10 +202,12 @@ class RunService:
                          lease_until=fields["lease_until"])
 
     def _execute(self, agent: Agent, run: StoredRun, events: list[StoredEvent],
-                 doc_json: str | None = None) -> RunChannel:
+                 doc_json: str | None = None,
+                 history: list[StoredEvent] | None = None) -> RunChannel:
         """Execute `run` here; its channel starts with `events`, the ones that started it
-        (`doc_json`: the document as the commit that started it wrote it)."""
-        channel = self.channels.open(run.run_id, events)
+        (`doc_json`: the document as the commit that started it wrote it; `history`: the
+        run's events before them, when known)."""
+        channel = self.channels.open(run.run_id, events, history)
         session = RunSession(self.store, agent, run, self.life, channel, doc_json)
 
         def work() -> None:
@@ -228,23 +232,46 @@ class RunService:
         The run, the remembered outcome and (with `history`) the run's events are one read.
         """
         agent = self.agent(access.agent_id)
+        kept = self.channels.kept.take(access.run_id) if idempotency is None else None
+        if kept is not None:
+            started = self._continue_kept(agent, access, kept, tools)
+            if started is not None:
+                return started
         for _ in range(CAS_ATTEMPTS):
             read = self._visible_read(access, history, idempotency)
-            run = read.run
-            replay = self._replayed(run.run_id, idempotency, read.remembered)
+            replay = self._replayed(read.run.run_id, idempotency, read.remembered)
             if replay is not None:
                 return replay
-            decide(run.state, Trigger.CONTINUE, admin_pending=run.admin_pending)
-            resolved, actions = resolve_pause(run.doc["tools"], tools, self._decided(run))
-            doc = {**run.doc, "tools": resolved, APPLY_KEY: actions}
-            after = run.last_seq
             try:
-                run, events, doc_json = self._commit_continue(run, doc, idempotency)
+                return self._continue_from(agent, read, tools, idempotency)
             except StaleRun:
                 continue
-            channel = self._execute(agent, run, events, doc_json)
-            return Started(run.run_id, after=after, channel=channel, history=read.events)
         raise StaleRun(access.run_id)
+
+    def _continue_kept(self, agent: Agent, access: RunAccess, kept: KeptPause,
+                       tools: list[dict[str, Any]]) -> Started | None:
+        """The continue decided on the copy this process kept of the pausing commit, with no
+        read; None where the copy must not decide: it would refuse (the run may have moved
+        since: an admin's decision, say), it lost its compare-and-set, the run is gone, or
+        its pause is due to be settled. The store's truth decides then, as without a copy."""
+        if not _visible(kept.run, access) or self._due_to_settle(kept.run, time.time()):
+            return None
+        try:
+            return self._continue_from(agent, RunRead(kept.run, kept.events), tools, None)
+        except (InvalidTransition, ApprovalPending, ToolInputError, StaleRun, RunNotFound):
+            return None
+
+    def _continue_from(self, agent: Agent, read: RunRead, tools: list[dict[str, Any]],
+                       idempotency: Idempotency | None) -> Started:
+        """Decide and commit the continue on `read`; StaleRun when its version moved."""
+        run = read.run
+        decide(run.state, Trigger.CONTINUE, admin_pending=run.admin_pending)
+        resolved, actions = resolve_pause(run.doc["tools"], tools, self._decided(run))
+        doc = {**run.doc, "tools": resolved, APPLY_KEY: actions}
+        after = run.last_seq
+        run, events, doc_json = self._commit_continue(run, doc, idempotency)
+        channel = self._execute(agent, run, events, doc_json, history=read.events)
+        return Started(run.run_id, after=after, channel=channel, history=read.events)
 
     def _visible_read(self, access: RunAccess, history: bool,
                       idempotency: Idempotency | None) -> RunRead:
@@ -392,17 +419,27 @@ class RunService:
         """End a run whose worker was lost or whose pause expired; True if it was ended."""
         now = time.time()
         try:
-            if run.state.is_executing and run.lease_until and run.lease_until <= now:
+            if self._lease_lapsed(run, now):
                 self._end_lost(run, now)
                 return True
-            ttl = self.settings.pause_ttl_seconds
-            if run.state is RunState.PAUSED and ttl and run.paused_at and \
-                    run.paused_at + ttl <= now:
+            if self._pause_expired(run, now):
                 self._end(run, Trigger.CANCEL, "RunCancelled", reason=PAUSE_EXPIRED)
                 return True
         except StaleRun:
             return True
         return False
+
+    def _due_to_settle(self, run: StoredRun, now: float) -> bool:
+        return self._lease_lapsed(run, now) or self._pause_expired(run, now)
+
+    @staticmethod
+    def _lease_lapsed(run: StoredRun, now: float) -> bool:
+        return bool(run.state.is_executing and run.lease_until and run.lease_until <= now)
+
+    def _pause_expired(self, run: StoredRun, now: float) -> bool:
+        ttl = self.settings.pause_ttl_seconds
+        return bool(run.state is RunState.PAUSED and ttl and run.paused_at and
+                    run.paused_at + ttl <= now)
 
     def _end_lost(self, run: StoredRun, now: float) -> None:
         """End a run whose lease lapsed, compared again in the commit (a renewal may land).
