@@ -279,7 +279,7 @@ def test_a_kept_pause_moved_by_another_process_is_decided_on_the_store(redis_onl
             app.extensions["agentos"].executor.shutdown(wait=True)
 
 
-def test_kept_pauses_are_bounded_and_each_is_taken_once():
+def test_kept_pauses_are_bounded_in_runs_and_in_events_and_each_is_taken_once():
     from app.runtime.handoff import KeptPauses
     from statemachine.store import StoredRun
 
@@ -293,3 +293,10 @@ def test_kept_pauses_are_bounded_and_each_is_taken_once():
     taken = kept.take("r1")
     assert taken is not None and taken.run == runs[1] and taken.run is not runs[1]
     assert kept.take("r1") is None
+
+    few = KeptPauses(limit=10, events=3)
+    few.keep(runs[0], [None, None])
+    few.keep(runs[1], [None, None])  # 4 events in all: the oldest run goes
+    few.keep(runs[2], [None] * 4)  # more than all the budget: not kept
+    assert (few.take("r0"), few.take("r2")) == (None, None)
+    assert few.take("r1") is not None and len(few) == 0

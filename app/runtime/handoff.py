@@ -27,6 +27,9 @@ from statemachine.store import StoredEvent, StoredRun
 KEPT_PAUSES = 256
 """The most paused runs a process keeps for their continue (the oldest go first): about as
 many as a worker has clients continuing at once, at a few KB each."""
+KEPT_EVENTS = 16384
+"""The most events the kept runs hold together (a run's events are most of its weight: a
+long streamed answer is thousands of deltas); a run with more than this is not kept."""
 
 
 @dataclass
@@ -57,29 +60,39 @@ class KeptPauses:
     and a copy that would refuse the continue is not believed either (the store decides).
     """
 
-    def __init__(self, limit: int = KEPT_PAUSES) -> None:
-        self._limit = limit
+    def __init__(self, limit: int = KEPT_PAUSES, events: int = KEPT_EVENTS) -> None:
+        self._limit, self._event_limit = limit, events
         self._kept: OrderedDict[str, KeptPause] = OrderedDict()
+        self._events = 0  # the events the kept runs hold together
         self._lock = threading.Lock()
 
     def keep(self, run: StoredRun, events: list[StoredEvent]) -> None:
         with self._lock:
+            self._drop(run.run_id)
+            if len(events) > self._event_limit:
+                return
             self._kept[run.run_id] = KeptPause(run, events)
-            self._kept.move_to_end(run.run_id)
-            while len(self._kept) > self._limit:
-                self._kept.popitem(last=False)
+            self._events += len(events)
+            while len(self._kept) > self._limit or self._events > self._event_limit:
+                self._drop(next(iter(self._kept)))
 
     def take(self, run_id: str) -> KeptPause | None:
         """The kept copy, given up (one continue per pause); its run is the taker's own
         object (a continue changes the run it commits, and the pause's answer may still be
         reading this one)."""
         with self._lock:
-            kept = self._kept.pop(run_id, None)
+            kept = self._drop(run_id)
         return None if kept is None else KeptPause(replace(kept.run), kept.events)
 
     def discard(self, run_id: str) -> None:
         with self._lock:
-            self._kept.pop(run_id, None)
+            self._drop(run_id)
+
+    def _drop(self, run_id: str) -> KeptPause | None:
+        kept = self._kept.pop(run_id, None)
+        if kept is not None:
+            self._events -= len(kept.events)
+        return kept
 
     def __len__(self) -> int:
         return len(self._kept)
