@@ -300,3 +300,29 @@ def test_kept_pauses_are_bounded_in_runs_and_in_events_and_each_is_taken_once():
     few.keep(runs[2], [None] * 4)  # more than all the budget: not kept
     assert (few.take("r0"), few.take("r2")) == (None, None)
     assert few.take("r1") is not None and len(few) == 0
+
+
+def test_a_kept_pause_held_by_its_approval_follows_the_admin_who_resolved_it_elsewhere(
+        redis_only):
+    """The copy kept where the run paused still says an approval is pending; the admin
+    resolves it through another process. The continue here is not refused on the copy: the
+    store, which holds the admin's decision, decides (and applies it)."""
+    here, there = app_with(redis_only), app_with(redis_only)
+    try:
+        client = here.test_client()
+        run = client.post("/agents/approval-agent/runs",
+                          data={"message": "web", "stream": "false"}).json
+        (call,) = run["tools"]
+        assert len(here.extensions["agentos"].service.channels.kept) == 1
+        resolved = there.test_client().post(f"/approvals/{call['approval_id']}/resolve",
+                                            json={"status": "approved"})
+        assert resolved.status_code == 200, resolved.json
+        done = client.post(f"/agents/approval-agent/runs/{run['run_id']}/continue",
+                           data={"tools": "", "stream": "false"})
+        assert done.status_code == 200, done.json
+        assert (done.json["status"], done.json["content"]) == ("COMPLETED",
+                                                               "Deployed: deployed web")
+        assert len(here.extensions["agentos"].service.channels.kept) == 0
+    finally:
+        for app in (here, there):
+            app.extensions["agentos"].executor.shutdown(wait=True)
