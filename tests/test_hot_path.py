@@ -288,16 +288,17 @@ def test_kept_pauses_are_bounded_in_runs_and_in_events_and_each_is_taken_once():
                       state=RunState.PAUSED, version=2, created_at=0.0, updated_at=0.0,
                       doc={}) for i in range(3)]
     for run in runs:
-        kept.keep(run, [])
+        kept.keep(run, [], '{"messages":[]}')
     assert len(kept) == 2 and kept.take("r0") is None  # the oldest went first
     taken = kept.take("r1")
-    assert taken is not None and taken.run == runs[1] and taken.run is not runs[1]
+    assert taken is not None and taken.run is not runs[1]
+    assert taken.run.doc == {"messages": []} and taken.run.version == 2
     assert kept.take("r1") is None
 
     few = KeptPauses(limit=10, events=3)
-    few.keep(runs[0], [None, None])
-    few.keep(runs[1], [None, None])  # 4 events in all: the oldest run goes
-    few.keep(runs[2], [None] * 4)  # more than all the budget: not kept
+    few.keep(runs[0], [None, None], "{}")
+    few.keep(runs[1], [None, None], "{}")  # 4 events in all: the oldest run goes
+    few.keep(runs[2], [None] * 4, "{}")  # more than all the budget: not kept
     assert (few.take("r0"), few.take("r2")) == (None, None)
     assert few.take("r1") is not None and len(few) == 0
 

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 from statemachine.states import RunState
-from statemachine.store import StoredEvent, StoredRun
+from statemachine.store import StoredEvent, StoredRun, loads
 
 KEPT_PAUSES = 256
 """The most paused runs a process keeps for their continue (the oldest go first): about as
@@ -45,10 +45,12 @@ class Waited:
 
 @dataclass(frozen=True)
 class KeptPause:
-    """A run as the commit that paused it stored it, and every event of the run up to it."""
+    """A run as the commit that paused it stored it (its document as that commit's JSON),
+    and every event of the run up to it."""
 
     run: StoredRun
     events: list[StoredEvent]
+    doc_json: str
 
 
 class KeptPauses:
@@ -66,23 +68,26 @@ class KeptPauses:
         self._events = 0  # the events the kept runs hold together
         self._lock = threading.Lock()
 
-    def keep(self, run: StoredRun, events: list[StoredEvent]) -> None:
+    def keep(self, run: StoredRun, events: list[StoredEvent], doc_json: str) -> None:
         with self._lock:
             self._drop(run.run_id)
             if len(events) > self._event_limit:
                 return
-            self._kept[run.run_id] = KeptPause(run, events)
+            self._kept[run.run_id] = KeptPause(run, events, doc_json)
             self._events += len(events)
             while len(self._kept) > self._limit or self._events > self._event_limit:
                 self._drop(next(iter(self._kept)))
 
     def take(self, run_id: str) -> KeptPause | None:
-        """The kept copy, given up (one continue per pause); its run is the taker's own
-        object (a continue changes the run it commits, and the pause's answer may still be
-        reading this one)."""
+        """The kept copy, given up (one continue per pause). Its run and document are the
+        taker's own, read from the commit's JSON as a read of the store would give them: a
+        continue changes the run it commits and its loop the document's lists, while the
+        pause's answer may still be reading the objects that were kept."""
         with self._lock:
             kept = self._drop(run_id)
-        return None if kept is None else KeptPause(replace(kept.run), kept.events)
+        if kept is None:
+            return None
+        return replace(kept, run=replace(kept.run, doc=loads(kept.doc_json)))
 
     def discard(self, run_id: str) -> None:
         with self._lock:
@@ -125,9 +130,11 @@ class RunChannel:
     def closed(self) -> bool:
         return self._closed
 
-    def publish(self, events: list[StoredEvent], final: StoredRun | None = None) -> None:
+    def publish(self, events: list[StoredEvent], final: StoredRun | None = None,
+                final_doc: str | None = None) -> None:
         """Events just committed; `final` is the run as that commit stored it when the
-        commit paused or ended it (handed over with its terminal event, in one step)."""
+        commit paused or ended it (handed over with its terminal event, in one step), and
+        `final_doc` its document as that commit wrote it."""
         with self._changed:
             if events and self.first_seq == 0:
                 self.first_seq = events[0].seq
@@ -135,9 +142,9 @@ class RunChannel:
             if final is not None:
                 self.final = final
             self._changed.notify_all()
-            if final is not None and final.state is RunState.PAUSED and \
+            if final is not None and final.state is RunState.PAUSED and final_doc and \
                     self._history is not None and self._kept is not None:
-                self._kept.keep(final, self._history + self._events)
+                self._kept.keep(final, self._history + self._events, final_doc)
 
     def close(self) -> None:
         """The execution ended: no more events come through here (those of a later commit,

@@ -354,10 +354,11 @@ class RunSession:
         if result.seqs:
             self._last_seq = result.seqs[-1]
         if self.channel is not None:
+            ended = not state.is_executing
             self.channel.publish([StoredEvent(seq, data) for seq, data
                                   in zip(result.seqs, commit.events, strict=True)],
-                                 final=None if state.is_executing
-                                 else self._stored(len(commit.approvals)))
+                                 final=self._stored(len(commit.approvals)) if ended else None,
+                                 final_doc=self._written if ended else None)
 
     def _cancel(self) -> None:
         """End the run CANCELLED on a cancel request, from the version the request wrote.
