@@ -79,9 +79,15 @@ MUTATIONS = [
     # Settling a lapsed lease late: a lost worker's run must still end. (Settling it early,
     # `<= now + 60`, survives on purpose: the commit compares the lease again and refuses.)
     Mutation("lease-settle", "app/runtime/service.py",
-             "if run.state.is_executing and run.lease_until and run.lease_until <= now:",
-             "if run.state.is_executing and run.lease_until and run.lease_until <= now - 3600:",
+             "run.state.is_executing and run.lease_until and run.lease_until <= now)",
+             "run.state.is_executing and run.lease_until and run.lease_until <= now - 3600)",
              (CONTENTION,)),
+    # A continue that believes its process's kept copy of a pause when the copy refuses: a
+    # decision an admin made since (elsewhere, or here) would be answered 403.
+    Mutation("kept-copy-refusal-believed", "app/runtime/service.py",
+             "except (InvalidTransition, ApprovalPending, ToolInputError, StaleRun, RunNotFound):",
+             "except (StaleRun, RunNotFound):",
+             ("tests/test_hot_path.py", "tests/test_approvals.py")),
     Mutation("active-count", "app/runtime/executor.py", "if left > 0:", "if False:",
              (CONTENTION,)),
     Mutation("cancel-honoured", "app/runtime/session.py", "commit.honour_cancel = True",
