@@ -229,7 +229,9 @@ class RunService:
 
         With an Idempotency-Key, the outcome is remembered in the same commit, and a retry
         (even one that raced the first attempt and lost) gets the first attempt's stream.
-        The run, the remembered outcome and (with `history`) the run's events are one read.
+        The run, the remembered outcome and (with `history`) the run's events are one read,
+        or none: without a key, the copy this process kept of the run's pause is decided on
+        first (see `_continue_kept`), and the store is read only when that copy cannot say.
         """
         agent = self.agent(access.agent_id)
         kept = self.channels.kept.take(access.run_id) if idempotency is None else None
