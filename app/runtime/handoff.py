@@ -45,8 +45,10 @@ class Waited:
 
 @dataclass(frozen=True)
 class KeptPause:
-    """A run as the commit that paused it stored it (its document as that commit's JSON),
-    and every event of the run up to it."""
+    """A run as the commit that paused it stored it, and every event of the run up to it.
+
+    The document is kept only as that commit's JSON (`doc_json`); `run.doc` is empty until
+    `take` reads it back, so a kept pause holds no reference to the loop's live document."""
 
     run: StoredRun
     events: list[StoredEvent]
@@ -73,7 +75,7 @@ class KeptPauses:
             self._drop(run.run_id)
             if len(events) > self._event_limit:
                 return
-            self._kept[run.run_id] = KeptPause(run, events, doc_json)
+            self._kept[run.run_id] = KeptPause(replace(run, doc={}), events, doc_json)
             self._events += len(events)
             while len(self._kept) > self._limit or self._events > self._event_limit:
                 self._drop(next(iter(self._kept)))
