@@ -5,7 +5,9 @@ script costs: its command dispatch, retry wrapper and metrics recording, and its
 that a connection taken from it has no unread data (a poll of the socket on every use). A
 `ScriptRunner` keeps a few connections of the store's own pool checked out and reuses them:
 the same connection class (TLS, unix socket, credentials, the request deadline), the same
-retry policy and the same NOSCRIPT reload as redis-py's `Script`, minus that overhead.
+retry policy and the same NOSCRIPT reload as redis-py's `Script`, minus that overhead. The
+command is packed by hiredis in one C call (redis-py's packer checks and encodes its some
+thirty arguments one by one in Python first).
 
 A connection goes back to the idle list only after a call that read its whole reply; any
 other ending (a timeout, a dropped socket, the greenlet killed mid-call) disconnects it, so
@@ -24,7 +26,27 @@ import redis
 from redis.commands.core import Script
 from redis.exceptions import NoScriptError, ResponseError
 
+try:
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # redis[hiredis] installs it; without it, redis-py's own packer
+    _hiredis_pack = None
+
 IDLE_KEPT = 16
+
+
+def _send(conn: Any, *args: Any) -> None:
+    """One command on `conn`. hiredis packs str, int, float and bytes exactly as redis-py
+    does (a float as its repr); anything else it refuses is left to redis-py, whose answer
+    to a bad argument (a bool, None: DataError) stays the one callers see."""
+    if _hiredis_pack is not None:
+        try:
+            packed = _hiredis_pack(args)
+        except TypeError:
+            pass
+        else:
+            conn.send_packed_command([packed])
+            return
+    conn.send_command(*args)
 
 
 class ScriptRunner:
@@ -53,13 +75,13 @@ class ScriptRunner:
 
     @staticmethod
     def _evalsha(conn: Any, script: Script, keys: list[str], args: list[Any]) -> Any:
-        conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        _send(conn, "EVALSHA", script.sha, len(keys), *keys, *args)
         try:
             return conn.read_response()
         except NoScriptError:
-            conn.send_command("SCRIPT", "LOAD", script.script)
+            _send(conn, "SCRIPT", "LOAD", script.script)
             script.sha = conn.read_response()
-            conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            _send(conn, "EVALSHA", script.sha, len(keys), *keys, *args)
             return conn.read_response()
 
     def _take(self) -> Any:
