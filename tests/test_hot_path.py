@@ -11,11 +11,15 @@ import time
 from typing import Any
 
 import pytest
+from redis._parsers.encoders import Encoder
+from redis.connection import PythonRespSerializer
+from redis.exceptions import DataError
 
 from app import create_app
 from app.runtime.agent import Agent
 from app.runtime.models import ContentDelta, TurnUsage
 from statemachine import lua, redis_store
+from statemachine.redis_scripts import _send
 from statemachine.reindex import reindex
 from statemachine.states import RunState
 from statemachine.store import Envelope
@@ -327,3 +331,29 @@ def test_a_kept_pause_held_by_its_approval_follows_the_admin_who_resolved_it_els
     finally:
         for app in (here, there):
             app.extensions["agentos"].executor.shutdown(wait=True)
+
+
+class _SentBytes:
+    """A connection that keeps what it is asked to send."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        self.sent.extend(command)
+
+    def send_command(self, *args: Any) -> None:
+        encode = Encoder("utf-8", "strict", False).encode
+        self.send_packed_command(PythonRespSerializer(6000, encode).pack(*args))
+
+
+def test_a_script_call_is_packed_byte_for_byte_as_redis_py_packs_it():
+    """hiredis packs the EVALSHA in one call; what Redis receives is what redis-py's own
+    packer makes of the same arguments, and an argument it refuses is redis-py's to refuse."""
+    args = ("EVALSHA", "f00d", 2, "run:1", b"\xffraw", 7, -3, 2**70, 0.1, 1e-300, "é", "")
+    ours, theirs = _SentBytes(), _SentBytes()
+    _send(ours, *args)
+    theirs.send_command(*args)
+    assert b"".join(ours.sent) == b"".join(theirs.sent)
+    with pytest.raises(DataError):
+        _send(_SentBytes(), "EVALSHA", "f00d", 0, True)
