@@ -5,7 +5,8 @@ gunicorn.conf.py) and a bare Flask app with one trivial form POST under the same
 configuration, each driven from separate processes:
 
 - (a) create then continue, non-streamed, with wrk at concurrency 1, 16 and 64; the ratio of
-  our request rate to the bare endpoint's at the same concurrency;
+  our request rate to the bare endpoint's at the same concurrency (the two take turns, three
+  rounds by default: the median round's ratio, and the rounds' range);
 - (b) the same pair streamed (time to first event and to the end), with a Python client whose
   own ceiling against the bare endpoint is printed beside it;
 - both on Redis, then on SQLite;
@@ -16,8 +17,8 @@ configuration, each driven from separate processes:
 
 It prints one JSON line per figure and a Markdown summary at the end; it asserts nothing.
 
-    python -m bench.hot_path [--seconds 10] [--concurrency 1,16,64] [--stored 1000,1000000]
-                             [--only rates,streamed,costs,flat]
+    python -m bench.hot_path [--seconds 10] [--rounds 3] [--concurrency 1,16,64]
+                             [--stored 1000,1000000] [--only rates,streamed,costs,flat]
 """
 
 from __future__ import annotations
@@ -56,22 +57,43 @@ def serving(env: dict[str, str], app_spec: str = "wsgi:app"):
 
 
 def request_rates(label: str, ours: Gunicorn, bare: Gunicorn, args) -> list[dict]:
-    """(a): the create+continue loop beside the bare endpoint, at each concurrency."""
+    """(a): the create+continue loop beside the bare endpoint, at each concurrency.
+
+    The two take turns, `args.rounds` times each, so a slow spell of the machine (a busy
+    neighbour: the same commit's rate has been seen to move by a quarter between runs) falls
+    on both: the ratio is the median of the rounds' ratios, with their range beside it, and
+    the latencies are those of the median round."""
     rows = []
     for conns in args.concurrency:
-        yardstick = loadgen.run_wrk(f"{bare.url}/echo", "bare_post.lua", conns, args.seconds)
-        loop = loadgen.run_wrk(ours.url, "create_continue.lua", conns, args.seconds)
-        our_rate = loop["requests"] / loop["seconds"]
-        bare_rate = yardstick["requests"] / yardstick["seconds"]
-        rows.append(emit("non_streamed", store=label, concurrency=conns,
-                         requests_per_second=round(our_rate, 1),
-                         pairs_per_second=round(loop["continues"] / loop["seconds"], 1),
-                         bare_requests_per_second=round(bare_rate, 1),
-                         ratio_to_bare=round(our_rate / bare_rate, 3),
+        rounds = [_rate_round(ours, bare, conns, args.seconds / 2)
+                  for _ in range(args.rounds)]
+        middle = sorted(rounds, key=lambda r: r["ratio"])[len(rounds) // 2]
+        loop, yardstick = middle["loop"], middle["bare"]
+        seconds = sum(r["loop"]["seconds"] for r in rounds)
+        bare_seconds = sum(r["bare"]["seconds"] for r in rounds)
+        rows.append(emit("non_streamed", store=label, concurrency=conns, rounds=len(rounds),
+                         requests_per_second=round(
+                             sum(r["loop"]["requests"] for r in rounds) / seconds, 1),
+                         pairs_per_second=round(
+                             sum(r["loop"]["continues"] for r in rounds) / seconds, 1),
+                         bare_requests_per_second=round(
+                             sum(r["bare"]["requests"] for r in rounds) / bare_seconds, 1),
+                         ratio_to_bare=round(middle["ratio"], 3),
+                         ratio_range=[round(min(r["ratio"] for r in rounds), 3),
+                                      round(max(r["ratio"] for r in rounds), 3)],
                          p50_ms=loop["p50_ms"], p95_ms=loop["p95_ms"], p99_ms=loop["p99_ms"],
-                         bare_p50_ms=yardstick["p50_ms"], bad=loop["bad"],
-                         socket_errors=loop["errors"]))
+                         bare_p50_ms=yardstick["p50_ms"],
+                         bad=sum(r["loop"]["bad"] for r in rounds),
+                         socket_errors=sum(r["loop"]["errors"] for r in rounds)))
     return rows
+
+
+def _rate_round(ours: Gunicorn, bare: Gunicorn, conns: int, seconds: float) -> dict:
+    """The bare endpoint, then our loop, for `seconds` each: one round's ratio."""
+    yardstick = loadgen.run_wrk(f"{bare.url}/echo", "bare_post.lua", conns, seconds)
+    loop = loadgen.run_wrk(ours.url, "create_continue.lua", conns, seconds)
+    ratio = (loop["requests"] / loop["seconds"]) / (yardstick["requests"] / yardstick["seconds"])
+    return {"bare": yardstick, "loop": loop, "ratio": ratio}
 
 
 def streamed(label: str, ours: Gunicorn, bare: Gunicorn, args) -> list[dict]:
@@ -165,7 +187,8 @@ def summary(results: dict) -> str:
     """The Markdown tables the README's benchmark section is made of (those with rows)."""
     tables = [[f"| {row['store']} | {row['concurrency']} | {row['requests_per_second']}"
                f" | {row['pairs_per_second']} | {row['bare_requests_per_second']} | "
-               f"{row['ratio_to_bare']} | {row['p50_ms']} | {row['p95_ms']} | "
+               f"{row['ratio_to_bare']} ({row['ratio_range'][0]}-{row['ratio_range'][1]}) | "
+               f"{row['p50_ms']} | {row['p95_ms']} | "
                f"{row['p99_ms']} |"
                for row in results.get("redis_rates", []) + results.get("sqlite_rates", [])],
               [f"| {row['store']} | {row['concurrency']} | {row['pairs_per_second']} | "
@@ -177,7 +200,8 @@ def summary(results: dict) -> str:
                f"{row.get('used_memory_mb', '')} | {row['p50_ms']} | {row['p99_ms']} | "
                f"{row['redis_usec_per_pair']} | {row.get('machine_cores_busy', '')} |"
                for row in results.get("flat", [])]]
-    heads = [["| store | conc. | req/s | pairs/s | bare req/s | ratio | p50 ms | p95 ms | "
+    heads = [["| store | conc. | req/s | pairs/s | bare req/s | ratio (rounds' range) | "
+              "p50 ms | p95 ms | "
               "p99 ms |", "|---|---|---|---|---|---|---|---|---|"],
              ["| store | conc. | streamed pairs/s | first event p50 ms | end p50 ms | "
               "end p99 ms | client ceiling (bare req/s) |", "|---|---|---|---|---|---|---|"],
@@ -224,7 +248,10 @@ def _parts(text: str) -> set[str]:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--seconds", type=float, default=10.0,
+                        help="per figure; the request rates split it over their rounds")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="turns the bare endpoint and our loop take at each concurrency")
     parser.add_argument("--concurrency", default="1,16,64",
                         type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--stored", default="1000,1000000",
