@@ -119,6 +119,7 @@ class Gunicorn:
     The server's settings come from `env` alone: none is inherited from the test process (a
     CI's REDIS_URL must not turn an embedded-store server into one on the shared Redis).
     With `netns` it runs inside that network namespace (another "host"), bound to `host`.
+    `root` is the checkout it serves (`bench.ab` serves two).
     """
 
     env: dict[str, str]
@@ -128,6 +129,7 @@ class Gunicorn:
     port: int = field(default_factory=free_port)
     host: str = "127.0.0.1"
     netns: str | None = None
+    root: Path = ROOT
     process: subprocess.Popen | None = None
     log_path: str = field(default_factory=lambda: tempfile.mktemp(prefix="gunicorn-",
                                                                    suffix=".log"))
@@ -144,7 +146,7 @@ class Gunicorn:
         inside = ["ip", "netns", "exec", self.netns] if self.netns else []
         self.process = subprocess.Popen(
             [*inside, sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", self.app_spec],
-            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=self.root, env=env, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         try:
