@@ -603,3 +603,44 @@ def test_an_admin_note_of_any_json_type_is_a_string_note(client, note):
         note if isinstance(note, str) else json.dumps(note, separators=(",", ":"),
                                                      ensure_ascii=False))
     assert answer.json["tools"][0]["confirmation_note"] == expected
+
+
+# -- what every event and answer is made of ------------------------------------------------------
+
+KEYS = st.sampled_from(["tool_call_id", "tool_args", "name", "field_type", "_internal", "_",
+                        "", "content", "created_at"]) | TEXT
+DOCUMENTS = st.recursive(SCALAR, lambda inner: st.lists(inner, max_size=4)
+                         | st.dictionaries(KEYS, inner, max_size=5), max_leaves=24)
+
+
+def _check_compacted(original: Any, result: Any) -> None:
+    """`result` is `original` as `compact` must leave it (see its docstring)."""
+    if isinstance(original, dict):
+        assert type(result) is dict and result is not original
+        public = {k: v for k, v in original.items() if not k.startswith("_")}
+        if "tool_call_id" in original and "tool_args" in original:
+            assert result == public  # nulls kept, nothing inside compacted
+        elif "name" in original and "field_type" in original:
+            assert result == original
+        else:
+            assert list(result) == [k for k, v in public.items() if v is not None]
+            for key, value in result.items():
+                _check_compacted(original[key], value)
+    elif isinstance(original, list):
+        assert type(result) is list and len(result) == len(original)
+        for before, after in zip(original, result, strict=True):
+            _check_compacted(before, after)
+    else:
+        assert result is original
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(document=DOCUMENTS)
+def test_compact_drops_nulls_and_internal_keys_and_leaves_its_input_as_it_was(document):
+    from copy import deepcopy
+
+    from app.runtime.documents import compact
+
+    before = deepcopy(document)
+    _check_compacted(document, compact(document))
+    assert document == before
