@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import weakref
 from datetime import UTC, datetime
 from typing import Any
 
@@ -55,6 +57,27 @@ class _TrailingSlashTolerant:
         if len(path) > 1 and path.endswith("/"):
             environ["PATH_INFO"] = path.rstrip("/") or "/"
         return self.wsgi_app(environ, start_response)
+
+
+class _Agentos(Flask):
+    """Flask, with `ensure_sync` asked once per function: Flask asks it of the view and of
+    every before-, after- and teardown function of every request, and each answer took an
+    `inspect` walk (1.2% of a create+continue pair's instructions). What is remembered is
+    that a function is plain (Flask returns it as it is), held weakly: one made for a single
+    request (`after_this_request`) leaves with it. Anything else goes to Flask each time."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._plain: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def ensure_sync(self, func: Any) -> Any:
+        if func in self._plain:  # False for a callable that takes no weak reference
+            return func
+        synced = super().ensure_sync(func)
+        if synced is func:
+            with contextlib.suppress(TypeError):  # no weak reference: asked each time
+                self._plain.add(func)
+        return synced
 
 
 class _StrictJSON(DefaultJSONProvider):
@@ -137,7 +160,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     """Defaults, then the environment, then `config` (tests pass STORE or AGENTS objects)."""
     config = dict(config or {})
     settings = load_settings({k: v for k, v in config.items() if k not in ("STORE", "AGENTS")})
-    app = Flask(__name__)
+    app = _Agentos(__name__)
     app.request_class = StrictRequest
     app.json = _StrictJSON(app)
     app.config["AGENTOS"] = settings

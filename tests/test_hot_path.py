@@ -6,16 +6,18 @@ Every guarantee they trade on (exactly once, resumes, cancel) keeps its own test
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from typing import Any
 
 import pytest
+from flask import Flask
 from redis._parsers.encoders import Encoder
 from redis.connection import PythonRespSerializer
 from redis.exceptions import DataError
 
-from app import create_app
+from app import _Agentos, create_app
 from app.runtime.agent import Agent
 from app.runtime.models import ContentDelta, TurnUsage
 from statemachine import lua, redis_store
@@ -357,3 +359,34 @@ def test_a_script_call_is_packed_byte_for_byte_as_redis_py_packs_it():
     assert b"".join(ours.sent) == b"".join(theirs.sent)
     with pytest.raises(DataError):
         _send(_SentBytes(), "EVALSHA", "f00d", 0, True)
+
+
+def test_flask_is_asked_once_whether_a_function_is_plain_and_forgets_one_made_per_request(
+        monkeypatch):
+    asked: list[str] = []  # names: the functions themselves would be kept alive here
+    monkeypatch.setattr(Flask, "ensure_sync",
+                        lambda self, func: asked.append(func.__name__) or func)
+    flask_app = _Agentos("agentos-test")
+
+    def view() -> str:
+        return "ok"
+
+    assert flask_app.ensure_sync(view) is view
+    assert flask_app.ensure_sync(view) is view
+    assert asked == ["view"]
+    for _ in range(100):
+        flask_app.ensure_sync(lambda: None)
+    gc.collect()
+    assert len(flask_app._plain) <= 2  # `view`, and at most the last closure if still alive
+    unreferable = _NoWeakReference()
+    assert flask_app.ensure_sync(unreferable) is unreferable  # asked each time
+    assert flask_app.ensure_sync(unreferable) is unreferable
+    assert asked.count("no_weak_reference") == 2
+
+
+class _NoWeakReference:
+    __slots__ = ()
+    __name__ = "no_weak_reference"
+
+    def __call__(self) -> None:
+        return None
