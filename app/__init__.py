@@ -161,10 +161,10 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     config = dict(config or {})
     settings = load_settings({k: v for k, v in config.items() if k not in ("STORE", "AGENTS")})
     app = _Agentos(__name__)
-    app.request_class = StrictRequest
     app.json = _StrictJSON(app)
     app.config["AGENTOS"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings["MAX_CONTENT_LENGTH"]
+    app.request_class = _bounded_requests(app)
     app.json.sort_keys = False
     app.extensions["agentos"] = _runtime(settings, config)
     _register(app)
@@ -173,6 +173,18 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         max_length=settings["MAX_CONTENT_LENGTH"])
     logging.getLogger("app").setLevel(logging.INFO)
     return app
+
+
+def _bounded_requests(app: Flask) -> type[StrictRequest]:
+    """The request class with this app's body bounds in it: Flask's request reads each from
+    `current_app.config` at every use (through the context's proxy, some eight times per
+    form request), and they are fixed once the app is made. A view may still set its own on
+    its request, as Flask allows."""
+    return type("BoundedRequest", (StrictRequest,), {
+        "_max_content_length": app.config["MAX_CONTENT_LENGTH"],
+        "_max_form_memory_size": app.config["MAX_FORM_MEMORY_SIZE"],
+        "_max_form_parts": app.config["MAX_FORM_PARTS"],
+    })
 
 
 _NOT_FOUND: dict[str, type[Exception]] = {
