@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from flask import Flask, Response, g, has_request_context, request
+from flask import Flask, Request, Response, g, has_request_context, request
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -197,15 +197,9 @@ def _request_id() -> str:
     return given if _SANE_ID.fullmatch(given) else os.urandom(16).hex()
 
 
-def _route() -> str:
-    rule = request.url_rule
+def _route(req: Request) -> str:
+    rule = req.url_rule
     return rule.rule if rule is not None else UNMATCHED_ROUTE
-
-
-def _run_id() -> str | None:
-    """From the path, or the run a create made (the view notes it in `g.run_id`)."""
-    args = request.view_args or {}
-    return args.get("run_id") or g.get("run_id")
 
 
 def _begin() -> None:
@@ -214,18 +208,22 @@ def _begin() -> None:
 
 
 def _finish(response: Response) -> Response:
-    """Echo the id; log and count the request once its answer is closed."""
-    response.headers[REQUEST_ID_HEADER] = g.request_id
+    """Echo the id; log and count the request once its answer is closed. The request and
+    its `g` are looked up once: each use of Flask's proxies is a lookup of its own."""
+    req, here = request._get_current_object(), g._get_current_object()  # type: ignore[attr-defined]
+    response.headers[REQUEST_ID_HEADER] = here.request_id
+    path_args = req.view_args or {}
     fields = {
-        "request_id": g.request_id,
-        "method": request.method,
-        "route": _route(),
-        "path": request.path,
+        "request_id": here.request_id,
+        "method": req.method,
+        "route": _route(req),
+        "path": req.path,
         "status": response.status_code,
-        "agent_id": (request.view_args or {}).get("agent_id"),
-        "run_id": _run_id(),
+        "agent_id": path_args.get("agent_id"),
+        # from the path, or the run a create made (the view notes it in `g.run_id`)
+        "run_id": path_args.get("run_id") or here.get("run_id"),
     }
-    started = g.request_started
+    started = here.request_started
     response.call_on_close(lambda: _record(fields, started))
     return response
 
