@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from flask import Flask, g, request
+from flask import Flask, Request, g, request
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import NotFound
 
@@ -208,11 +208,12 @@ def _register(app: Flask) -> None:
     @app.before_request
     def _before_view() -> None:
         """The checks every request passes before its view, in order (one hook: Flask's
-        cost is per hook, and every request pays it)."""
-        check_query(request.query_string)
+        cost is per hook, and every request pays it; the request is looked up once)."""
+        req = request._get_current_object()  # type: ignore[attr-defined]
+        check_query(req.query_string)
         start_background(app)
-        _no_empty_segment()
-        _ids_we_could_have_made()
+        _no_empty_segment(req)
+        _ids_we_could_have_made(req)
         g.store_budget = deadline.open_budget(timeout)
 
     @app.teardown_request
@@ -222,15 +223,15 @@ def _register(app: Flask) -> None:
             deadline.close_budget(token)
 
 
-def _no_empty_segment() -> None:
+def _no_empty_segment(req: Request) -> None:
     """Werkzeug would merge `//` (even a leading one) into `/`: the contract says 404."""
-    if "//" in request.environ.get(RAW_PATH, request.path):
+    if "//" in req.environ.get(RAW_PATH, req.path):
         raise NotFound()
 
 
-def _ids_we_could_have_made() -> None:
+def _ids_we_could_have_made(req: Request) -> None:
     """An id in the path that no id of ours looks like is not found, before any store."""
-    for name, value in (request.view_args or {}).items():
+    for name, value in (req.view_args or {}).items():
         if name.endswith("_id") and not SERVER_ID.fullmatch(str(value)):
             raise _NOT_FOUND.get(name, NotFound)(value)
 
