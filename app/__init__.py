@@ -179,11 +179,12 @@ def _bounded_requests(app: Flask) -> type[StrictRequest]:
     """The request class with this app's body bounds in it: Flask's request reads each from
     `current_app.config` at every use (through the context's proxy, some eight times per
     form request), and they are fixed once the app is made. A view may still set its own on
-    its request, as Flask allows."""
+    its request, as Flask allows. (Flask before 3.1 has no form bounds in its config: None
+    leaves those to werkzeug's defaults, as they were.)"""
     return type("BoundedRequest", (StrictRequest,), {
         "_max_content_length": app.config["MAX_CONTENT_LENGTH"],
-        "_max_form_memory_size": app.config["MAX_FORM_MEMORY_SIZE"],
-        "_max_form_parts": app.config["MAX_FORM_PARTS"],
+        "_max_form_memory_size": app.config.get("MAX_FORM_MEMORY_SIZE"),
+        "_max_form_parts": app.config.get("MAX_FORM_PARTS"),
     })
 
 

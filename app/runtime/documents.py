@@ -174,10 +174,10 @@ def compact(value: Any) -> Any:
     and in user-input fields (a requirement's `user_input_schema`), which the reference's
     client reads key by key. Keys with a leading underscore are internal: always dropped.
 
-    Every event and every answer passes through here (a tenth of a create+continue pair's
-    instructions, `bench.instructions`), so it walks with plain loops, and a value whose type
-    is exactly a JSON scalar is kept without further checks: comprehensions are calls of
-    their own, and `isinstance` with a union was the most called function of a pair."""
+    Every event and every answer passes through here (it was a tenth of a create+continue
+    pair's instructions, `bench.instructions`), so it walks with plain loops, and a value
+    whose type is exactly a JSON scalar is kept without further checks: comprehensions are
+    calls of their own, and `isinstance` with a union was the most called function of a pair."""
     if type(value) is dict or isinstance(value, dict):
         return _compact_dict(value)
     if type(value) is list or isinstance(value, list):
