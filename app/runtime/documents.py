@@ -107,7 +107,7 @@ def _requirement(run_id: str, obj: dict[str, Any]) -> dict[str, Any]:
     requirement: dict[str, Any] = {
         "id": requirement_id(run_id, obj["tool_call_id"]),
         "created_at": created,
-        "tool_execution": {k: v for k, v in obj.items() if not k.startswith("_")},
+        "tool_execution": public_tool(obj),
     }
     if obj.get("user_input_schema") is not None:
         requirement["user_input_schema"] = obj["user_input_schema"]
@@ -169,6 +169,12 @@ def event(run: dict[str, Any], name: str, **fields: Any) -> dict[str, Any]:
     })
 
 
+def public_tool(obj: dict[str, Any]) -> dict[str, Any]:
+    """A tool object as clients see it: every key kept, nulls too, but the internal ones
+    (a leading underscore)."""
+    return {k: v for k, v in obj.items() if k[:1] != "_"}
+
+
 def compact(value: Any) -> Any:
     """Drop null-valued keys, except inside tool objects, where every key is always present,
     and in user-input fields (a requirement's `user_input_schema`), which the reference's
@@ -178,9 +184,9 @@ def compact(value: Any) -> Any:
     pair's instructions, `bench.instructions`), so it walks with plain loops, and a value
     whose type is exactly a JSON scalar is kept without further checks: comprehensions are
     calls of their own, and `isinstance` with a union was the most called function of a pair."""
-    if type(value) is dict or isinstance(value, dict):
+    if isinstance(value, dict):
         return _compact_dict(value)
-    if type(value) is list or isinstance(value, list):
+    if isinstance(value, list):
         return _compact_list(value)
     return value
 
@@ -190,7 +196,7 @@ _SCALARS = frozenset({str, int, float, bool})
 
 def _compact_dict(value: dict[str, Any]) -> dict[str, Any]:
     if "tool_call_id" in value and "tool_args" in value:  # a tool object
-        return {k: v for k, v in value.items() if k[:1] != "_"}
+        return public_tool(value)
     if "name" in value and "field_type" in value:  # a user-input field
         return dict(value)
     out = {}

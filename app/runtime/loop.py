@@ -17,6 +17,7 @@ from app.runtime.documents import (
     event,
     message,
     pause_content,
+    public_tool,
     requirements,
     tool_message,
     tool_object,
@@ -72,7 +73,7 @@ def announce_first_call(doc: dict[str, Any]) -> list[dict[str, Any]]:
     for call_id, action in doc.get(APPLY_KEY, []):
         if action == EXECUTE:
             doc[STARTED_KEY] = call_id
-            return [event(doc, "ToolCallStarted", tool=_public(by_id[call_id]))]
+            return [event(doc, "ToolCallStarted", tool=public_tool(by_id[call_id]))]
     return []
 
 
@@ -139,7 +140,7 @@ def execute_call(session: RunSession, obj: dict[str, Any], announced: bool = Fal
     """Run one tool now, once its `ToolCallStarted` is committed (`announced`: it already
     is); its error, if any, goes to the model and the run goes on."""
     if not announced:
-        session.emit("ToolCallStarted", tool=_public(obj), flush=True)
+        session.emit("ToolCallStarted", tool=public_tool(obj), flush=True)
     tool = session.agent.tool(obj["tool_name"])
     started = time.time()
     token = current_call.set(ToolCallContext(session.run_id, obj["tool_call_id"],
@@ -157,9 +158,9 @@ def execute_call(session: RunSession, obj: dict[str, Any], announced: bool = Fal
                metrics={"start_time": started, "end_time": ended, "duration": ended - started})
     session.doc["messages"].append(tool_message(obj, result, error))
     if error:
-        session.emit("ToolCallError", tool=_public(obj), error=result)
+        session.emit("ToolCallError", tool=public_tool(obj), error=result)
     else:
-        session.emit("ToolCallCompleted", tool=_public(obj), content=result)
+        session.emit("ToolCallCompleted", tool=public_tool(obj), content=result)
 
 
 def pause(session: RunSession, new_objects: list[dict[str, Any]]) -> None:
@@ -170,7 +171,7 @@ def pause(session: RunSession, new_objects: list[dict[str, Any]]) -> None:
     approvals = [_approval(session, obj) for obj in waiting if obj.get("approval_id")]
     events = [
         session.event("RunContentCompleted"),
-        session.event("RunPaused", content=content, tools=[_public(o) for o in waiting],
+        session.event("RunPaused", content=content, tools=[public_tool(o) for o in waiting],
                       requirements=requirements(session.run_id, waiting)),
     ]
     session.write(Trigger.PAUSE, events, approvals=approvals)
@@ -225,8 +226,3 @@ def _finish_metrics(doc: dict[str, Any]) -> dict[str, Any]:
     metrics = doc["metrics"]
     metrics["duration"] = round(time.time() - float(doc["created_at"]), 6)
     return metrics
-
-
-def _public(obj: dict[str, Any]) -> dict[str, Any]:
-    """A tool object as clients see it: internal keys (leading underscore) removed."""
-    return {k: v for k, v in obj.items() if not k.startswith("_")}
