@@ -2,7 +2,7 @@
 
 Rates on a shared machine move by a quarter between runs of the same commit; instruction
 counts do not (valgrind's callgrind counts what the CPU is asked to do, whatever else the
-machine does: the same figure to 0.2% run after run). This calls the WSGI app in-process,
+machine does: the same figure to within 1% run after run). This calls the WSGI app in-process,
 without gunicorn or gevent (the run loops on OS threads, as under the gthread worker), for a
 `confirm-agent` create (`stream=false`, it pauses) then its continue (`confirmed=true`, it
 completes), on a private Redis (or a SQLite file), and counts the whole process twice under
