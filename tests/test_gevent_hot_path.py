@@ -71,3 +71,66 @@ def test_emitting_reserving_and_submitting_never_yield_to_the_hub():
     out = subprocess.run([sys.executable, "-c", SWITCHES], cwd=ROOT, capture_output=True,
                          text=True, timeout=60, check=True).stdout.split("\n")
     assert out[:4] == ["watch 0", "busy ExecutorBusy", "bookkeeping 0", "ran [1]"]
+
+
+REUSE = textwrap.dedent("""
+    from gevent import monkey
+    monkey.patch_all()
+
+    import contextvars
+
+    import gevent
+    from gevent.monkey import get_original
+
+    from app.runtime.executor import RunExecutor
+    from app.runtime.tools import run_tool, tool
+
+    executor = RunExecutor(store=None, max_runs=4, lease_seconds=30, sweep_interval=3600)
+    seen = contextvars.ContextVar("seen", default="fresh")
+    greenlets, contexts = set(), []
+
+    def work():
+        greenlets.add(id(gevent.getcurrent()))
+        contexts.append(seen.get())
+        seen.set("left by a run")
+        gevent.sleep(0.001)
+
+    for _ in range(20):  # one after another: the same greenlet serves them all
+        executor.reserve()
+        executor.submit("run", work)
+        gevent.sleep(0.02)
+    print("sequential", len(greenlets), sorted(set(contexts)))
+    greenlets.clear()
+    for _ in range(4):  # at once: one greenlet each
+        executor.reserve()
+        executor.submit("run", work)
+    gevent.sleep(0.05)
+    print("parallel", len(greenlets))
+    executor.shutdown(wait=True)
+    try:
+        executor.submit("run", work)
+    except RuntimeError:
+        print("closed")
+
+    os_thread = get_original("_thread", "get_ident")
+
+    @tool
+    def offloaded() -> int:
+        return os_thread()
+
+    @tool(offload=False)
+    def inline() -> int:
+        return os_thread()
+
+    here = os_thread()
+    print("offloaded", run_tool(offloaded, {}) != here, "inline", run_tool(inline, {}) == here)
+""")
+
+
+def test_run_loops_reuse_their_greenlets_with_a_fresh_context_and_tools_may_stay_inline():
+    """A greenlet per run mapped and unmapped the interpreter's frame stack each time; the
+    pool keeps finished ones for the next run, which still starts in an empty context."""
+    out = subprocess.run([sys.executable, "-c", REUSE], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, check=True).stdout.split("\n")
+    assert out[:4] == ["sequential 1 ['fresh']", "parallel 4", "closed",
+                       "offloaded True inline True"], out
