@@ -2,8 +2,6 @@
 
 Every tool honours `DEMO_TOOL_LATENCY_MS` and, when `DEMO_TOOL_LOG` is set, appends one line
 `<run_id> <tool_call_id> <tool_name>` per execution, so a test can prove a tool ran once.
-None of them blocks without yielding (their latency is the patched `time.sleep` under gevent),
-so they run in their run's own greenlet (`offload=False`), not in `TOOL_THREADS`.
 """
 
 from __future__ import annotations
@@ -52,28 +50,28 @@ def demo_tool(function: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-@tool(requires_confirmation=True, offload=False)
+@tool(requires_confirmation=True)
 @demo_tool
 def send_email(to: str, subject: str) -> str:
     """Send an email (asks for confirmation first)."""
     return f"sent to {to}"
 
 
-@tool(external_execution=True, offload=False)
+@tool(external_execution=True)
 @demo_tool
 def get_weather(city: str) -> str:
     """Look up the weather of a city; the client runs it and sends the result."""
     return f"sunny in {city}"
 
 
-@tool(requires_user_input=True, user_input_fields=["passenger"], offload=False)
+@tool(requires_user_input=True, user_input_fields=["passenger"])
 @demo_tool
 def book_flight(destination: str, passenger: str) -> str:
     """Book a flight; a person supplies the passenger's name."""
     return f"{passenger} to {destination}"
 
 
-@tool(requires_approval=True, offload=False)
+@tool(requires_approval=True)
 @demo_tool
 def deploy_app(app: str) -> str:
     """Deploy an application; an admin must approve."""

@@ -45,12 +45,8 @@ current_call: contextvars.ContextVar[ToolCallContext | None] = contextvars.Conte
 TOOL_THREADS = Offload(int(os.environ.get("TOOL_THREADS", "64") or 64), "tools")
 
 
-def run_tool(tool: Tool, arguments: dict[str, Any]) -> Any:
-    """Call `tool(**arguments)` where blocking cannot stall other work (`current_call` kept):
-    in one of `TOOL_THREADS`, unless the tool says it never blocks without yielding
-    (`offload=False`), which saves the trip there and back (some 70 us of CPU under gevent)."""
-    if not tool.offload:
-        return tool(**arguments)
+def run_tool(tool: Callable[..., Any], arguments: dict[str, Any]) -> Any:
+    """Call `tool(**arguments)` where blocking cannot stall other work (`current_call` kept)."""
     return TOOL_THREADS.run(tool, **arguments)
 
 
@@ -76,9 +72,6 @@ class Tool:
     requires_user_input: bool = False
     user_input_fields: tuple[str, ...] = ()
     requires_approval: bool = False
-    offload: bool = True
-    """Run in one of `TOOL_THREADS` (gevent): False only for a tool that never blocks without
-    yielding: it returns at once, or waits only on gevent-patched sockets and sleeps."""
 
     @property
     def pause_kind(self) -> str | None:
@@ -158,7 +151,6 @@ def tool(
     requires_user_input: bool = False,
     user_input_fields: list[str] | tuple[str, ...] | None = None,
     requires_approval: bool = False,
-    offload: bool = True,
 ) -> Any:
     """Make a function a Tool; usable bare (`@tool`) or with flags (`@tool(...)`)."""
 
@@ -177,7 +169,6 @@ def tool(
             requires_user_input=requires_user_input,
             user_input_fields=tuple(user_input_fields or ()),
             requires_approval=requires_approval,
-            offload=offload,
         )
 
     return wrap(function) if function is not None else wrap
