@@ -78,6 +78,8 @@ REUSE = textwrap.dedent("""
     monkey.patch_all()
 
     import contextvars
+    import gc
+    import weakref
 
     import gevent
 
@@ -104,6 +106,18 @@ REUSE = textwrap.dedent("""
         executor.submit("run", work)
     gevent.sleep(0.05)
     print("parallel", len(greenlets))
+
+    class Session:
+        pass
+
+    session = Session()
+    held = weakref.ref(session)
+    executor.reserve()
+    executor.submit("run", lambda kept=session: gevent.sleep(0.001))
+    del session
+    gevent.sleep(0.02)
+    gc.collect()
+    print("last run kept", held() is not None)
     executor.shutdown(wait=True)
     try:
         executor.submit("run", work)
@@ -115,7 +129,9 @@ REUSE = textwrap.dedent("""
 
 def test_run_loops_reuse_their_greenlets_with_a_fresh_context():
     """A greenlet per run mapped and unmapped the interpreter's frame stack each time; the
-    pool keeps finished ones for the next run, which still starts in an empty context."""
+    pool keeps finished ones for the next run, which still starts in an empty context, and a
+    waiting greenlet keeps nothing of its last run alive."""
     out = subprocess.run([sys.executable, "-c", REUSE], cwd=ROOT, capture_output=True,
                          text=True, timeout=60, check=True).stdout.split("\n")
-    assert out[:3] == ["sequential 1 ['fresh']", "parallel 4", "closed"], out
+    assert out[:4] == ["sequential 1 ['fresh']", "parallel 4", "last run kept False",
+                       "closed"], out

@@ -38,20 +38,23 @@ class _Greenlets:
     `submit` and `shutdown`.
 
     The slots already bound how many execute. A greenlet started for every run cost more than
-    the run's own Python: each new greenlet maps a 16 KiB stack for the interpreter's frames
-    and its end unmaps it (two system calls, page faults, and on a virtual machine the other
-    CPUs' TLBs flushed), which made a worker's CPU per request some 10% higher (`bench.ab`).
-    A finished loop's greenlet waits for the next run instead, up to `KEEP_IDLE` of them;
-    each run gets an empty `contextvars` context, as a new greenlet would. No pool of
-    gevent-patched threads either: a future, a queue hand-off and a semaphore per run."""
+    much of the run's own Python: each new greenlet maps a 16 KiB chunk for the interpreter's
+    frames and its end unmaps it (two system calls and the page faults of a fresh mapping, dear
+    on a virtual machine), some 10% of a worker's CPU per request (`bench.ab`, README). A
+    finished loop's greenlet waits for the next run instead, up to `KEEP_IDLE` of them, holding
+    nothing of the last one; each run gets an empty `contextvars` context, as a new greenlet
+    would. No pool of gevent-patched threads either: a future, a queue hand-off and a
+    semaphore per run."""
 
     KEEP_IDLE = 64
     """The most greenlets kept waiting for a run (a few KB each); more start when needed."""
 
     def __init__(self) -> None:
+        from gevent import spawn_raw
         from gevent.event import Event
         from gevent.queue import Queue
 
+        self._spawn = spawn_raw
         self._tasks: Queue = Queue()
         self._idle = 0  # greenlets waiting with no run handed to them yet
         self._running = 0
@@ -62,14 +65,12 @@ class _Greenlets:
     def submit(self, function: Callable[..., None], *args: object) -> None:
         if self._closed:
             raise RuntimeError("cannot run new loops after shutdown")
-        import gevent
-
         self._running += 1
         self._drained.clear()
         if self._idle:
             self._idle -= 1  # a waiting greenlet takes it
         else:
-            gevent.spawn_raw(self._serve)
+            self._spawn(self._serve)
         self._tasks.put((function, args))
 
     def _serve(self) -> None:
@@ -82,6 +83,8 @@ class _Greenlets:
             try:
                 contextvars.Context().run(function, *args)
             finally:
+                # a waiting greenlet holds nothing of its last run (its session, its events)
+                task = function = args = None
                 self._running -= 1
                 if not self._running:
                     self._drained.set()
