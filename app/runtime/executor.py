@@ -40,14 +40,15 @@ class _Greenlets:
     The slots already bound how many execute. A greenlet started for every run cost more than
     much of the run's own Python: each new greenlet maps a 16 KiB chunk for the interpreter's
     frames and its end unmaps it (two system calls and the page faults of a fresh mapping, dear
-    on a virtual machine), some 10% of a worker's CPU per request (`bench.ab`, README). A
+    on a virtual machine), about 8% of a worker's CPU per request (`bench.ab`, README). A
     finished loop's greenlet waits for the next run instead, up to `KEEP_IDLE` of them, holding
     nothing of the last one; each run gets an empty `contextvars` context, as a new greenlet
     would. No pool of gevent-patched threads either: a future, a queue hand-off and a
     semaphore per run."""
 
     KEEP_IDLE = 64
-    """The most greenlets kept waiting for a run (a few KB each); more start when needed."""
+    """The most greenlets kept waiting for a run (each keeps its 16 KiB chunk of frames, some
+    20 KB in all); more start when needed, and those beyond this many end with their run."""
 
     def __init__(self) -> None:
         from gevent import spawn_raw
