@@ -43,8 +43,9 @@ class _Greenlets:
     on a virtual machine), about 8% of a worker's CPU per request (`bench.ab`, README). A
     finished loop's greenlet waits for the next run instead, up to `KEEP_IDLE` of them, holding
     nothing of the last one; each run gets an empty `contextvars` context, as a new greenlet
-    would. No pool of gevent-patched threads either: a future, a queue hand-off and a
-    semaphore per run."""
+    would. Runs are handed over on gevent's own queue, whose `put` never yields (the
+    switch-counting test holds `submit` to that); a pool of gevent-patched threads would add a
+    future and a semaphore per run besides."""
 
     KEEP_IDLE = 64
     """The most greenlets kept waiting for a run (each keeps its 16 KiB chunk of frames, some
